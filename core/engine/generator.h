@@ -1,0 +1,106 @@
+// The in-process generator: context + question (+ answer prefix) -> tokens -> answer.
+// This header is the boundary of core/: plain C++ types only (no LibTorch, no protobuf), so
+// server/ and the CLIs can include it next to generated gRPC code.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace defkv::engine {
+
+struct SamplingParams {
+  double temperature = 0.0;  // <= 0: greedy (argmax, lowest id on ties)
+  int top_k = 0;             // 0: off
+  double top_p = 1.0;        // 1: off
+  uint64_t seed = 0;         // same seed, same request -> same output
+};
+
+struct GenerateRequest {
+  // Rendered the way kvpress renders them (spec/presses.md §1.1): the chat template applied to
+  // the context alone, split off before the generation prompt; the question carries the
+  // template's suffix and the answer prefix.
+  std::string context;
+  std::string question;
+  std::string answer_prefix;
+  bool use_chat_template = true;
+  // When set, context/question are ignored: this text is tokenized as is (BOS added when the
+  // tokenizer adds one) and continued, with no template.
+  std::optional<std::string> raw_prompt;
+  int max_new_tokens = 128;
+  SamplingParams sampling;
+  std::vector<std::string> stop;  // generation ends before the first occurrence of any of them
+};
+
+enum class FinishReason { kEos, kStopString, kLength, kCancelled };
+const char* FinishReasonName(FinishReason r);
+
+// Seconds spent in each stage of one request.
+struct StageTimings {
+  double tokenize = 0, prefill = 0, decode = 0, first_token = 0, total = 0;
+};
+
+struct Usage {
+  int64_t context_tokens = 0, question_tokens = 0, generated_tokens = 0;
+  int64_t kv_entries = 0;  // (layer, kv-head, token) entries held at the end
+  int64_t kv_bytes = 0;    // their K and V bytes
+};
+
+struct GenerateResult {
+  std::string text;
+  std::vector<int32_t> token_ids;  // generated ids, EOS excluded
+  FinishReason finish_reason = FinishReason::kLength;
+  Usage usage;
+  StageTimings timings;
+};
+
+// Receives text as it is completed (never half a UTF-8 character, never part of a stop string);
+// return false to cancel the request.
+using TextCallback = std::function<bool(std::string_view text)>;
+
+struct EngineOptions {
+  std::string model_dir;
+  std::string device = "cpu";  // "cpu", "cuda", "cuda:N"
+  std::string dtype = "auto";  // "auto" (float32 on CPU, the checkpoint's on CUDA), "float32", "bfloat16", "float16"
+  int threads = 0;             // CPU intra-op threads; 0 = all cores
+  int prefill_chunk = 512;     // context tokens per prefill step
+  std::function<void(size_t done_bytes, size_t total_bytes)> load_progress;
+};
+
+struct ModelInfo {
+  std::string model_dir, model_type, dtype, device, tokenizer, chat_template;
+  int64_t num_layers = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0, hidden_size = 0, vocab_size = 0;
+  int64_t max_context = 0;
+  size_t weight_bytes = 0;
+  double load_seconds = 0;
+};
+
+// Prompt tokens as the engine feeds them: context prefilled first, then the question at
+// positions continuing from the context length.
+struct PromptTokens {
+  std::vector<int32_t> context;
+  std::vector<int32_t> question;
+};
+
+class Generator {
+ public:
+  static absl::StatusOr<std::unique_ptr<Generator>> Create(const EngineOptions& options);
+  ~Generator();
+
+  absl::StatusOr<PromptTokens> Tokenize(const GenerateRequest& request) const;
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request, const TextCallback& on_text = {});
+  const ModelInfo& info() const;
+
+ private:
+  struct Impl;
+  explicit Generator(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace defkv::engine

@@ -1,0 +1,191 @@
+#include "core/model/transformer.h"
+
+#include <cmath>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/model/safetensors.h"
+
+namespace defkv::model {
+namespace {
+
+absl::StatusOr<at::ScalarType> ToTorch(DType d, const TensorView& v) {
+  switch (d) {
+    case DType::kF32: return at::kFloat;
+    case DType::kF16: return at::kHalf;
+    case DType::kBF16: return at::kBFloat16;
+    case DType::kF64: return at::kDouble;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(v.file, ": tensor \"", v.name, "\" has dtype ",
+                                                     DTypeName(d), ", expected F32, F16 or BF16"));
+  }
+}
+
+std::string ShapeStr(const std::vector<int64_t>& s) { return absl::StrCat("[", absl::StrJoin(s, ", "), "]"); }
+
+// Turns checkpoint tensors into device tensors of the model dtype, checking names and shapes.
+class WeightLoader {
+ public:
+  WeightLoader(const WeightStore& store, const LoadOptions& opts, at::ScalarType dtype)
+      : store_(store), opts_(opts), dtype_(dtype), total_(store.total_bytes()) {}
+
+  absl::StatusOr<at::Tensor> Get(const std::string& name, std::vector<int64_t> shape) {
+    const TensorView* v = store_.Find(name);
+    if (v == nullptr) return absl::NotFoundError(absl::StrCat("model weights: tensor \"", name, "\" is missing"));
+    if (v->shape != shape)
+      return absl::InvalidArgumentError(absl::StrCat(v->file, ": tensor \"", name, "\" has shape ",
+                                                     ShapeStr(v->shape), ", config.json implies ", ShapeStr(shape)));
+    auto src = ToTorch(v->dtype, *v);
+    if (!src.ok()) return src.status();
+    auto view = at::from_blob(const_cast<uint8_t*>(v->data), v->shape, at::TensorOptions().dtype(*src));
+    // Always copy: the mapping may go away, and from_blob memory must not be written.
+    at::Tensor t = view.to(opts_.device, dtype_, /*non_blocking=*/false, /*copy=*/true);
+    done_ += v->nbytes;
+    if (opts_.progress) opts_.progress(done_, total_);
+    return t;
+  }
+  absl::StatusOr<at::Tensor> GetIf(bool present, const std::string& name, std::vector<int64_t> shape) {
+    if (!present) return at::Tensor();
+    return Get(name, std::move(shape));
+  }
+
+ private:
+  const WeightStore& store_;
+  const LoadOptions& opts_;
+  at::ScalarType dtype_;
+  size_t total_, done_ = 0;
+};
+
+#define DEFKV_TRY(lhs, expr)            \
+  do {                                  \
+    auto _r = (expr);                   \
+    if (!_r.ok()) return _r.status();   \
+    lhs = std::move(*_r);               \
+  } while (0)
+
+at::ScalarType DtypeFromName(const std::string& s) {
+  if (s == "bfloat16") return at::kBFloat16;
+  if (s == "float16") return at::kHalf;
+  return at::kFloat;
+}
+
+}  // namespace
+
+Transformer::Transformer(ModelConfig cfg, at::Device device, at::ScalarType dtype)
+    : config_(std::move(cfg)), device_(device), dtype_(dtype), rope_(config_.rope, config_.head_dim, device) {}
+
+absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const std::string& dir, const LoadOptions& opts) {
+  auto cfg = LoadModelConfig(dir);
+  if (!cfg.ok()) return cfg.status();
+  auto store = WeightStore::OpenDir(dir);
+  if (!store.ok()) return store.status();
+
+  at::ScalarType dtype = opts.dtype;
+  if (dtype == at::ScalarType::Undefined)
+    dtype = opts.device.is_cuda() ? DtypeFromName(cfg->dtype) : at::kFloat;
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf)
+    return absl::InvalidArgumentError("dtype must be float32, bfloat16 or float16");
+  if (dtype == at::kHalf && opts.device.is_cpu())
+    return absl::InvalidArgumentError("float16 is not supported on CPU (use float32 or bfloat16)");
+
+  std::unique_ptr<Transformer> m(new Transformer(*cfg, opts.device, dtype));
+  const ModelConfig& c = m->config_;
+  const int64_t hd = c.hidden_size, d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
+  const int64_t inter = c.intermediate_size;
+  WeightLoader w(*store, opts, dtype);
+
+  DEFKV_TRY(m->embed_, w.Get("model.embed_tokens.weight", {c.vocab_size, hd}));
+  DEFKV_TRY(m->final_norm_, w.Get("model.norm.weight", {hd}));
+  if (c.tie_word_embeddings) {
+    m->lm_head_ = m->embed_;
+  } else {
+    DEFKV_TRY(m->lm_head_, w.Get("lm_head.weight", {c.vocab_size, hd}));
+  }
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    LayerWeights L;
+    at::Tensor q, k, v, bq, bk, bv, gate, up, bgate, bup;
+    DEFKV_TRY(L.input_norm, w.Get(p + "input_layernorm.weight", {hd}));
+    DEFKV_TRY(L.post_norm, w.Get(p + "post_attention_layernorm.weight", {hd}));
+    DEFKV_TRY(q, w.Get(p + "self_attn.q_proj.weight", {hq * d, hd}));
+    DEFKV_TRY(k, w.Get(p + "self_attn.k_proj.weight", {hkv * d, hd}));
+    DEFKV_TRY(v, w.Get(p + "self_attn.v_proj.weight", {hkv * d, hd}));
+    DEFKV_TRY(bq, w.GetIf(c.qkv_bias, p + "self_attn.q_proj.bias", {hq * d}));
+    DEFKV_TRY(bk, w.GetIf(c.qkv_bias, p + "self_attn.k_proj.bias", {hkv * d}));
+    DEFKV_TRY(bv, w.GetIf(c.qkv_bias, p + "self_attn.v_proj.bias", {hkv * d}));
+    DEFKV_TRY(L.q_norm, w.GetIf(c.qk_norm, p + "self_attn.q_norm.weight", {d}));
+    DEFKV_TRY(L.k_norm, w.GetIf(c.qk_norm, p + "self_attn.k_norm.weight", {d}));
+    DEFKV_TRY(L.w_o, w.Get(p + "self_attn.o_proj.weight", {hd, hq * d}));
+    DEFKV_TRY(L.b_o, w.GetIf(c.o_bias, p + "self_attn.o_proj.bias", {hd}));
+    DEFKV_TRY(gate, w.Get(p + "mlp.gate_proj.weight", {inter, hd}));
+    DEFKV_TRY(up, w.Get(p + "mlp.up_proj.weight", {inter, hd}));
+    DEFKV_TRY(L.w_down, w.Get(p + "mlp.down_proj.weight", {hd, inter}));
+    DEFKV_TRY(bgate, w.GetIf(c.mlp_bias, p + "mlp.gate_proj.bias", {inter}));
+    DEFKV_TRY(bup, w.GetIf(c.mlp_bias, p + "mlp.up_proj.bias", {inter}));
+    DEFKV_TRY(L.b_down, w.GetIf(c.mlp_bias, p + "mlp.down_proj.bias", {hd}));
+    // Fused projections: one GEMM for q/k/v and one for gate/up per layer.
+    L.w_qkv = at::cat({q, k, v}, 0);
+    if (c.qkv_bias) L.b_qkv = at::cat({bq, bk, bv}, 0);
+    L.w_gate_up = at::cat({gate, up}, 0);
+    if (c.mlp_bias) L.b_gate_up = at::cat({bgate, bup}, 0);
+    m->layers_.push_back(std::move(L));
+  }
+  m->weight_bytes_ = 0;
+  auto count = [&](const at::Tensor& t) {
+    if (t.defined()) m->weight_bytes_ += t.numel() * t.element_size();
+  };
+  count(m->embed_);
+  count(m->final_norm_);
+  if (!c.tie_word_embeddings) count(m->lm_head_);
+  for (const auto& L : m->layers_)
+    for (const auto* t : {&L.input_norm, &L.post_norm, &L.w_qkv, &L.b_qkv, &L.q_norm, &L.k_norm, &L.w_o,
+                          &L.b_o, &L.w_gate_up, &L.b_gate_up, &L.w_down, &L.b_down})
+      count(*t);
+  return m;
+}
+
+std::unique_ptr<cache::DenseKvCache> Transformer::NewDenseCache() const {
+  return std::make_unique<cache::DenseKvCache>(config_.num_layers, config_.num_kv_heads, config_.head_dim,
+                                               dtype_, device_);
+}
+
+at::Tensor Transformer::RmsNorm(const at::Tensor& x, const at::Tensor& w) const {
+  auto xf = x.to(at::kFloat);
+  auto var = xf.pow(2).mean(-1, /*keepdim=*/true);
+  xf = xf * at::rsqrt(var + config_.rms_norm_eps);
+  return w * xf.to(x.scalar_type());
+}
+
+at::Tensor Transformer::Forward(const at::Tensor& ids, const at::Tensor& positions, cache::KvCache& cache,
+                                bool all_logits) const {
+  const ModelConfig& c = config_;
+  const int64_t t = ids.size(0), d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  auto [cos, sin] = rope_.Tables(positions.to(device_), dtype_);
+
+  at::Tensor x = at::embedding(embed_, ids.to(device_));  // [T, hidden]
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = layers_[l];
+    at::Tensor qkv = at::linear(RmsNorm(x, L.input_norm), L.w_qkv, L.b_qkv);
+    auto parts = qkv.split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
+    at::Tensor q = parts[0].view({t, hq, d});
+    at::Tensor k = parts[1].view({t, hkv, d});
+    at::Tensor v = parts[2].view({t, hkv, d}).transpose(0, 1);
+    if (c.qk_norm) {
+      q = RmsNorm(q, L.q_norm);
+      k = RmsNorm(k, L.k_norm);
+    }
+    q = Rope::Apply(q.transpose(0, 1), cos, sin);  // [H, T, D]
+    k = Rope::Apply(k.transpose(0, 1), cos, sin);
+    at::Tensor attn = cache.AppendAndAttend(l, q, k, v, scale);  // [H_q, T, D]
+    x = x + at::linear(attn.transpose(0, 1).reshape({t, hq * d}), L.w_o, L.b_o);
+
+    auto gu = at::linear(RmsNorm(x, L.post_norm), L.w_gate_up, L.b_gate_up).chunk(2, -1);
+    x = x + at::linear(at::silu(gu[0]) * gu[1], L.w_down, L.b_down);
+  }
+  if (!all_logits) x = x.narrow(0, t - 1, 1);
+  return at::linear(RmsNorm(x, final_norm_), lm_head_).to(at::kFloat);
+}
+
+}  // namespace defkv::model

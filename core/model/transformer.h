@@ -1,0 +1,69 @@
+// One decoder-only transformer for the Llama family. llama, qwen2, qwen3 and mistral differ
+// only by flags in ModelConfig (qkv bias, q/k norms, rope scaling, tied embeddings):
+//   x = embed(ids)
+//   per layer: h = x + o_proj(attn(rope(q_norm?(W_q n1(x))), rope(k_norm?(W_k n1(x))), W_v n1(x)))
+//              x = h + W_down(silu(W_gate n2(h)) * W_up n2(h))
+//   logits = lm_head(norm(x))
+// Norms are RMSNorm computed in fp32. The KV cache is passed in; see core/cache/kv_cache.h.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/status/statusor.h"
+#include "core/cache/kv_cache.h"
+#include "core/model/config.h"
+#include "core/model/rope.h"
+
+namespace defkv::model {
+
+struct LoadOptions {
+  at::Device device = at::kCPU;
+  // Weights and activations; kUndefined means the checkpoint's dtype on CUDA, float32 on CPU.
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  // Called as weights are converted: (bytes done, bytes total).
+  std::function<void(size_t, size_t)> progress;
+};
+
+struct LayerWeights {
+  at::Tensor input_norm, post_norm;      // [hidden]
+  at::Tensor w_qkv, b_qkv;               // [(H_q + 2 H_kv) D, hidden], bias or undefined
+  at::Tensor q_norm, k_norm;             // [D] (qwen3) or undefined
+  at::Tensor w_o, b_o;                   // [hidden, H_q D]
+  at::Tensor w_gate_up, b_gate_up;       // [2 I, hidden]
+  at::Tensor w_down, b_down;             // [hidden, I]
+};
+
+class Transformer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Transformer>> Load(const std::string& dir, const LoadOptions& opts);
+
+  // Runs ids [T] (int64) at absolute positions [T] through every layer, writing K/V into
+  // `cache`. Returns fp32 logits [T, vocab] when all_logits, else [1, vocab] for the last token.
+  at::Tensor Forward(const at::Tensor& ids, const at::Tensor& positions, cache::KvCache& cache,
+                     bool all_logits = false) const;
+
+  const ModelConfig& config() const { return config_; }
+  at::ScalarType dtype() const { return dtype_; }
+  at::Device device() const { return device_; }
+  size_t weight_bytes() const { return weight_bytes_; }
+  std::unique_ptr<cache::DenseKvCache> NewDenseCache() const;
+
+ private:
+  Transformer(ModelConfig cfg, at::Device device, at::ScalarType dtype);
+  at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w) const;
+
+  ModelConfig config_;
+  at::Device device_;
+  at::ScalarType dtype_;
+  Rope rope_;
+  at::Tensor embed_, final_norm_, lm_head_;
+  std::vector<LayerWeights> layers_;
+  size_t weight_bytes_ = 0;
+};
+
+}  // namespace defkv::model

@@ -1,0 +1,12 @@
+#include "kernels/device_info.h"
+
+namespace defkv::kernels {
+
+#ifndef DEFKV_WITH_CUDA
+bool BuiltWithCuda() { return false; }
+std::vector<CudaDevice> ListCudaDevices() { return {}; }
+#else
+bool BuiltWithCuda() { return true; }
+#endif
+
+}  // namespace defkv::kernels

@@ -1,0 +1,24 @@
+// The CUDA half of device_info.h: device enumeration through the runtime API. Compiled by nvcc
+// for sm_90 when DEFKV_CUDA=ON; a machine without a GPU gets an empty list, not an error.
+#include <cuda_runtime.h>
+
+#include "kernels/device_info.h"
+
+namespace defkv::kernels {
+
+std::vector<CudaDevice> ListCudaDevices() {
+  std::vector<CudaDevice> out;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return out;
+  }
+  for (int i = 0; i < n; ++i) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
+    out.push_back({i, prop.name, prop.major, prop.minor, prop.totalGlobalMem});
+  }
+  return out;
+}
+
+}  // namespace defkv::kernels

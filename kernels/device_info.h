@@ -1,0 +1,21 @@
+// What the CUDA side of this build sees: compiled in or not, and the devices present. Used in
+// startup logs and GetModelInfo; safe to call on a machine with no GPU.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace defkv::kernels {
+
+struct CudaDevice {
+  int index = 0;
+  std::string name;
+  int sm_major = 0, sm_minor = 0;
+  size_t total_memory = 0;
+};
+
+bool BuiltWithCuda();
+// Empty when the build has no CUDA or the machine has no usable GPU.
+std::vector<CudaDevice> ListCudaDevices();
+
+}  // namespace defkv::kernels
