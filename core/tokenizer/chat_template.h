@@ -30,10 +30,18 @@ class ChatTemplate {
   const char* name() const;  // "plain", "llama3", "chatml", "mistral"
 
   // Renders like apply_chat_template(messages, tokenize=False,
-  // add_generation_prompt=add_generation_prompt). Plain format joins the contents.
-  std::string Render(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const;
+  // add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking). Plain format
+  // joins the contents. enable_thinking matters only to templates that read it (Qwen3: false
+  // appends an empty <think></think> block to the generation prompt, as kvpress asks for).
+  std::string Render(const std::vector<ChatMessage>& messages, bool add_generation_prompt,
+                     bool enable_thinking = true) const;
+  // Llama-3.1 templates print "Today Date: <date_string>"; by default today's local date as
+  // "%d %b %Y", like transformers' strftime_now.
+  void set_date_string(std::string date) { date_string_ = std::move(date); }
 
  private:
+  std::string DateString() const;
+
   ChatFormat format_ = ChatFormat::kPlain;
   std::string bos_token_;
   std::string eos_token_;
@@ -42,6 +50,9 @@ class ChatTemplate {
   bool generation_prompt_always_ = false;  // llama3 templates that ignore add_generation_prompt
   bool qwen3_reasoning_ = false;           // chatml with Qwen3's <think> handling
   std::string default_system_;             // chatml: system prompt used when none is given
+  bool thinking_switch_ = false;           // the template reads enable_thinking
+  bool date_header_ = false;               // Llama-3.1: system header with knowledge/today dates
+  std::string date_string_;                // empty: today
 };
 
 }  // namespace defkv::tok
