@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/engine/generator.h"
 
 namespace {
@@ -28,6 +30,14 @@ input:
   --answer-prefix S        text the answer starts with (default: none)
   --prompt TEXT            raw prompt: no chat template, no context/question split
   --no-chat-template       render context and question as plain text even if the model has a template
+
+compression (presses: core/press/press_info.cpp, docs/PRESSES.md):
+  --press NAME             none (default), snapkv, adakv, defensivekv, layer_defensivekv, ...
+  --compression-ratio R    fraction of the context's KV entries removed, 0 <= R < 1 (default 0)
+  --press-option K=V       press option, e.g. window_size=32 (repeatable)
+  --report                 print the compression report (kept entries per layer and head, bytes,
+                           scoring and compaction time) on stderr
+  --kept-json FILE         write the kept context positions of every layer and kv head as JSON
 
 generation:
   --max-new-tokens N       at most N generated tokens (default 128)
@@ -60,13 +70,15 @@ generation error, 2 on bad arguments or a model that cannot be loaded.
 struct Args {
   std::map<std::string, std::string> values;
   std::vector<std::string> stops;
-  bool quiet = false, ids = false, no_template = false;
+  std::map<std::string, std::string> press_options;
+  bool quiet = false, ids = false, no_template = false, report = false;
 };
 
 Args Parse(int argc, char** argv) {
   static const std::vector<std::string> kValued = {
       "--model", "--context-file", "--question", "--answer-prefix", "--prompt", "--max-new-tokens",
-      "--temperature", "--top-k", "--top-p", "--seed", "--device", "--dtype", "--threads", "--prefill-chunk"};
+      "--temperature", "--top-k", "--top-p", "--seed", "--device", "--dtype", "--threads", "--prefill-chunk",
+      "--press", "--compression-ratio", "--kept-json"};
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
@@ -84,14 +96,23 @@ Args Parse(int argc, char** argv) {
     if (arg == "--quiet") { a.quiet = true; continue; }
     if (arg == "--ids") { a.ids = true; continue; }
     if (arg == "--no-chat-template") { a.no_template = true; continue; }
-    const bool valued = std::find(kValued.begin(), kValued.end(), arg) != kValued.end() || arg == "--stop";
+    if (arg == "--report") { a.report = true; continue; }
+    const bool repeated = arg == "--stop" || arg == "--press-option";
+    const bool valued = std::find(kValued.begin(), kValued.end(), arg) != kValued.end() || repeated;
     if (!valued) Usage("unknown option " + arg);
     if (!has_value) {
       if (i + 1 >= argc) Usage(arg + " needs a value");
       value = argv[++i];
     }
-    if (arg == "--stop") a.stops.push_back(value);
-    else a.values[arg] = value;
+    if (arg == "--stop") {
+      a.stops.push_back(value);
+    } else if (arg == "--press-option") {
+      const auto eq = value.find('=');
+      if (eq == std::string::npos || eq == 0) Usage("--press-option expects KEY=VALUE, got \"" + value + "\"");
+      a.press_options[value.substr(0, eq)] = value.substr(eq + 1);
+    } else {
+      a.values[arg] = value;
+    }
   }
   return a;
 }
@@ -118,6 +139,28 @@ std::string ReadAll(const std::string& path) {
   return ss.str();
 }
 
+void PrintReport(const defkv::engine::GenerateResult& r) {
+  const auto& c = r.compression;
+  const auto& u = r.usage;
+  std::fprintf(stderr, "compression report: press=%s ratio=%g context=%lld tokens\n", c.press.c_str(),
+               c.compression_ratio, static_cast<long long>(c.context_tokens));
+  for (size_t l = 0; l < c.kept.size(); ++l) {
+    int64_t sum = 0;
+    std::string heads;
+    for (int64_t n : c.kept[l]) {
+      sum += n;
+      heads += " " + std::to_string(n);
+    }
+    std::fprintf(stderr, "  layer %2zu: kept %lld | per head:%s\n", l, static_cast<long long>(sum), heads.c_str());
+  }
+  const double achieved = u.kv_entries_before ? 1.0 - static_cast<double>(u.kv_entries_after) / u.kv_entries_before : 0;
+  std::fprintf(stderr,
+               "  entries %lld -> %lld, bytes %lld -> %lld (%.1f%% removed); scoring %.4f s, compaction %.4f s\n",
+               static_cast<long long>(u.kv_entries_before), static_cast<long long>(u.kv_entries_after),
+               static_cast<long long>(u.kv_bytes_before), static_cast<long long>(u.kv_bytes_after), 100 * achieved,
+               c.scoring_seconds, c.compaction_seconds);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -136,7 +179,8 @@ int main(int argc, char** argv) {
   opts.prefill_chunk = Number(args, "--prefill-chunk", 512);
   if (!args.quiet) {
     opts.load_progress = [last = -1](size_t done, size_t total) mutable {
-      const int pct = total ? static_cast<int>(100.0 * done / total) : 100;
+      if (total < (256u << 20)) return;  // small models load in a blink
+      const int pct = static_cast<int>(100.0 * done / total);
       if (pct / 10 != last / 10 || done == total) {
         std::fprintf(stderr, "\rloading weights: %3d%% (%.1f / %.1f MB)", pct, done / 1e6, total / 1e6);
         if (done == total) std::fputc('\n', stderr);
@@ -171,6 +215,10 @@ int main(int argc, char** argv) {
   req.sampling.top_p = Number(args, "--top-p", 1.0);
   req.sampling.seed = Number<unsigned long long>(args, "--seed", 0);
   req.stop = args.stops;
+  req.press = args.values.count("--press") ? args.values["--press"] : "none";
+  req.compression_ratio = Number(args, "--compression-ratio", 0.0);
+  req.press_options = args.press_options;
+  req.report_kept_positions = args.values.count("--kept-json") > 0;
 
   if (args.ids) {
     auto prompt = (*gen)->Tokenize(req);
@@ -200,15 +248,31 @@ int main(int argc, char** argv) {
     for (int id : result->token_ids) std::fprintf(stderr, " %d", id);
     std::fputc('\n', stderr);
   }
+  if (args.report) PrintReport(*result);
+  if (args.values.count("--kept-json")) {
+    const auto& c = result->compression;
+    nlohmann::json j = {{"press", c.press},
+                        {"compression_ratio", c.compression_ratio},
+                        {"context_tokens", c.context_tokens},
+                        {"kept", c.kept},
+                        {"positions", c.positions},
+                        {"answer", result->text}};
+    std::ofstream out(args.values["--kept-json"]);
+    out << j.dump() << "\n";
+    if (!out) {
+      std::fprintf(stderr, "defkv-generate: cannot write %s\n", args.values["--kept-json"].c_str());
+      return 1;
+    }
+  }
   if (!args.quiet) {
     const auto& u = result->usage;
     const auto& t = result->timings;
     std::fprintf(stderr,
                  "finish=%s context=%lld question=%lld generated=%lld kv=%.2f MB | prefill %.3f s, "
-                 "first token %.3f s, decode %.3f s (%.1f tok/s), total %.3f s\n",
+                 "compression %.3f s, first token %.3f s, decode %.3f s (%.1f tok/s), total %.3f s\n",
                  defkv::engine::FinishReasonName(result->finish_reason), static_cast<long long>(u.context_tokens),
                  static_cast<long long>(u.question_tokens), static_cast<long long>(u.generated_tokens),
-                 u.kv_bytes / 1e6, t.prefill, t.first_token, t.decode,
+                 u.kv_bytes / 1e6, t.prefill, t.compression, t.first_token, t.decode,
                  t.decode > 0 ? u.generated_tokens / t.decode : 0.0, t.total);
   }
   return 0;

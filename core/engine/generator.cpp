@@ -9,9 +9,11 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/engine/compressor.h"
 #include "core/engine/prompt.h"
 #include "core/engine/sampler.h"
 #include "core/model/transformer.h"
+#include "core/press/registry.h"
 #include "core/tokenizer/chat_template.h"
 #include "core/tokenizer/tokenizer.h"
 
@@ -152,13 +154,19 @@ absl::StatusOr<PromptTokens> Generator::Tokenize(const GenerateRequest& request)
   return out;
 }
 
-absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& request, const TextCallback& on_text) {
+absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& request, const TextCallback& on_text,
+                                                   const CancelCheck& cancelled) {
   if (request.max_new_tokens < 0) return absl::InvalidArgumentError("max_new_tokens must be >= 0");
   if (request.sampling.top_p <= 0.0 || request.sampling.top_p > 1.0)
     return absl::InvalidArgumentError("top_p must be in (0, 1]");
   if (request.sampling.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0");
   for (const auto& s : request.stop)
     if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
+  if (auto s = press::CheckRatio(request.compression_ratio); !s.ok()) return s;
+  auto press = press::MakePress(request.press, request.press_options);
+  if (!press.ok()) return press.status();
+  // Ratio 0 takes the full-cache path whatever the press: nothing is scored or moved.
+  const bool compress = *press != nullptr && request.compression_ratio > 0.0;
 
   const auto t0 = Clock::now();
   GenerateResult result;
@@ -178,26 +186,63 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
                                               ") exceeds the model's context of ", cfg.max_position_embeddings, " tokens"));
   for (int32_t id : prompt->context)
     if (id < 0 || id >= cfg.vocab_size) return absl::InternalError("tokenizer produced an id outside the vocabulary");
+  if (compress)
+    if (auto s = (*press)->CheckContext(n_ctx); !s.ok()) return s;
+  result.compression.press = (*press::FindPress(request.press))->name;
+  result.compression.compression_ratio = request.compression_ratio;
+  result.compression.context_tokens = n_ctx;
 
   try {
     at::InferenceMode inference;
-    auto cache = model.NewDenseCache();
+    auto cache = model.NewCache();
     cache->Reserve(n_ctx + n_q + request.max_new_tokens);
     auto long_opts = at::TensorOptions().dtype(at::kLong);
-    auto run = [&](const std::vector<int32_t>& ids, int64_t begin, int64_t count, int64_t pos) {
+    std::unique_ptr<Compressor> compressor;
+    if (compress)
+      compressor = std::make_unique<Compressor>(model, *cache, **press, request.compression_ratio, n_ctx,
+                                                n_q + request.max_new_tokens, request.report_kept_positions);
+    auto run = [&](const std::vector<int32_t>& ids, int64_t begin, int64_t count, int64_t pos,
+                   model::LayerHook* hook = nullptr) {
       auto t = at::empty({count}, long_opts);
       auto* p = t.data_ptr<int64_t>();
       for (int64_t i = 0; i < count; ++i) p[i] = ids[begin + i];
-      return model.Forward(t, at::arange(pos, pos + count, long_opts), *cache);
+      return model.Forward(t, at::arange(pos, pos + count, long_opts), *cache, /*all_logits=*/false, hook);
     };
 
-    // Context prefill in chunks, then the question at positions continuing from n_ctx.
+    // Context prefill in chunks (compressed as its last chunk leaves each layer), then the
+    // question at positions continuing from the original context length n_ctx.
     at::Tensor logits;
     const int64_t chunk = impl_->options.prefill_chunk;
-    for (int64_t b = 0; b < n_ctx; b += chunk) logits = run(prompt->context, b, std::min(chunk, n_ctx - b), b);
-    for (int64_t b = 0; b < n_q; b += chunk) logits = run(prompt->question, b, std::min(chunk, n_q - b), n_ctx + b);
+    auto stop_requested = [&] { return cancelled && cancelled(); };
+    bool stopped = false;
+    for (int64_t b = 0; b < n_ctx && !(stopped = stop_requested()); b += chunk) {
+      const int64_t count = std::min(chunk, n_ctx - b);
+      if (compressor) compressor->set_last_chunk(b + count == n_ctx);
+      logits = run(prompt->context, b, count, b, compressor.get());
+    }
+    const int64_t entries_before = n_ctx * cfg.num_kv_heads * cfg.num_layers;
+    if (compressor && !stopped) {
+      compressor->Finish();
+      result.compression.kept = compressor->kept();
+      result.compression.positions = compressor->positions();
+      result.compression.scoring_seconds = compressor->scoring_seconds();
+      result.compression.compaction_seconds = compressor->compaction_seconds();
+      result.timings.compression = compressor->scoring_seconds() + compressor->compaction_seconds();
+    } else {
+      result.compression.kept.assign(cfg.num_layers, std::vector<int64_t>(cfg.num_kv_heads, n_ctx));
+    }
+    int64_t entries_after = 0;
+    for (const auto& layer : result.compression.kept)
+      for (int64_t n : layer) entries_after += n;
+    result.usage.kv_entries_before = entries_before;
+    result.usage.kv_entries_after = entries_after;
+    result.usage.kv_bytes_before = entries_before * cache->entry_bytes();
+    result.usage.kv_bytes_after = entries_after * cache->entry_bytes();
+
+    for (int64_t b = 0; b < n_q && !stopped && !(stopped = stop_requested()); b += chunk)
+      logits = run(prompt->question, b, std::min(chunk, n_q - b), n_ctx + b);
     const auto t_prefill = Clock::now();
-    result.timings.prefill = Seconds(t_tok, t_prefill);
+    result.timings.prefill = Seconds(t_tok, t_prefill) - result.timings.compression;
 
     Sampler sampler(request.sampling);
     const auto& eos = cfg.eos_token_ids;
@@ -205,8 +250,12 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
     std::string text;       // everything decoded so far
     size_t streamed = 0;    // bytes of `text` handed to on_text
     int64_t pos = n_ctx + n_q;
-    result.finish_reason = FinishReason::kLength;
-    for (int step = 0; step < request.max_new_tokens; ++step) {
+    result.finish_reason = stopped ? FinishReason::kCancelled : FinishReason::kLength;
+    for (int step = 0; step < request.max_new_tokens && !stopped; ++step) {
+      if (step > 0 && stop_requested()) {
+        result.finish_reason = FinishReason::kCancelled;
+        break;
+      }
       if (step > 0) {
         logits = run(result.token_ids, static_cast<int64_t>(result.token_ids.size()) - 1, 1, pos++);
       }
@@ -248,7 +297,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
     result.text = std::move(text);
     result.usage.generated_tokens = static_cast<int64_t>(result.token_ids.size());
     int64_t entries = 0;
-    for (int64_t l = 0; l < cfg.num_layers; ++l) entries += cache->length(l) * cfg.num_kv_heads;
+    for (int64_t l = 0; l < cfg.num_layers; ++l) entries += cache->entries(l);
     result.usage.kv_entries = entries;
     result.usage.kv_bytes = cache->bytes_used();
     const auto t_end = Clock::now();

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -34,6 +35,12 @@ struct GenerateRequest {
   // tokenizer adds one) and continued, with no template.
   std::optional<std::string> raw_prompt;
   int max_new_tokens = 128;
+  // KV-cache compression of the context (core/press/press_info.h lists the presses).
+  // compression_ratio is the fraction of context entries removed, in [0, 1).
+  std::string press = "none";
+  double compression_ratio = 0.0;
+  std::map<std::string, std::string> press_options;  // typed per press; parsed and checked
+  bool report_kept_positions = false;  // fill CompressionReport::positions (tests, debugging)
   SamplingParams sampling;
   std::vector<std::string> stop;  // generation ends before the first occurrence of any of them
 };
@@ -43,13 +50,28 @@ const char* FinishReasonName(FinishReason r);
 
 // Seconds spent in each stage of one request.
 struct StageTimings {
-  double tokenize = 0, prefill = 0, decode = 0, first_token = 0, total = 0;
+  double tokenize = 0, prefill = 0, compression = 0, decode = 0, first_token = 0, total = 0;
 };
 
 struct Usage {
   int64_t context_tokens = 0, question_tokens = 0, generated_tokens = 0;
-  int64_t kv_entries = 0;  // (layer, kv-head, token) entries held at the end
+  // (layer, kv-head, token) entries of the context's cache before and after compression,
+  // and their K+V bytes. Equal when nothing was compressed.
+  int64_t kv_entries_before = 0, kv_entries_after = 0;
+  int64_t kv_bytes_before = 0, kv_bytes_after = 0;
+  int64_t kv_entries = 0;  // entries held at the end (context + question + generated)
   int64_t kv_bytes = 0;    // their K and V bytes
+};
+
+// What compression did to one request (defkv-generate --report prints it).
+struct CompressionReport {
+  std::string press;            // canonical name
+  double compression_ratio = 0;
+  std::vector<std::vector<int64_t>> kept;  // [layer][kv_head] context entries kept
+  // [layer][kv_head] kept context positions, ascending; only with report_kept_positions.
+  std::vector<std::vector<std::vector<int32_t>>> positions;
+  int64_t context_tokens = 0;
+  double scoring_seconds = 0, compaction_seconds = 0;
 };
 
 struct GenerateResult {
@@ -58,11 +80,15 @@ struct GenerateResult {
   FinishReason finish_reason = FinishReason::kLength;
   Usage usage;
   StageTimings timings;
+  CompressionReport compression;
 };
 
 // Receives text as it is completed (never half a UTF-8 character, never part of a stop string);
 // return false to cancel the request.
 using TextCallback = std::function<bool(std::string_view text)>;
+// Polled between prefill chunks and between decode steps; true stops the request with
+// FinishReason::kCancelled (its memory is freed when Generate returns).
+using CancelCheck = std::function<bool()>;
 
 struct EngineOptions {
   std::string model_dir;
@@ -94,7 +120,9 @@ class Generator {
   ~Generator();
 
   absl::StatusOr<PromptTokens> Tokenize(const GenerateRequest& request) const;
-  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request, const TextCallback& on_text = {});
+  // Not thread-safe: one engine thread owns a Generator.
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request, const TextCallback& on_text = {},
+                                          const CancelCheck& cancelled = {});
   const ModelInfo& info() const;
 
  private:

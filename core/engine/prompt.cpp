@@ -14,7 +14,9 @@ PromptText RenderPrompt(const GenerateRequest& request, const tok::ChatTemplate&
   if (request.use_chat_template && chat.format() != tok::ChatFormat::kPlain) {
     // kvpress's separator: long enough never to occur in the context itself.
     const std::string sep(request.context.size() + 10, '#');
-    const std::string rendered = chat.Render({{"user", request.context + sep}}, /*add_generation_prompt=*/true);
+    // kvpress renders with enable_thinking=False (Qwen3 then gets an empty think block).
+    const std::string rendered = chat.Render({{"user", request.context + sep}}, /*add_generation_prompt=*/true,
+                                             /*enable_thinking=*/false);
     const size_t at = rendered.find(sep);
     out.context = rendered.substr(0, at);
     suffix = at == std::string::npos ? "" : rendered.substr(at + sep.size());

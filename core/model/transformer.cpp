@@ -145,9 +145,19 @@ absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const std::string
   return m;
 }
 
-std::unique_ptr<cache::DenseKvCache> Transformer::NewDenseCache() const {
-  return std::make_unique<cache::DenseKvCache>(config_.num_layers, config_.num_kv_heads, config_.head_dim,
-                                               dtype_, device_);
+std::unique_ptr<cache::HeadwiseCache> Transformer::NewCache() const {
+  return std::make_unique<cache::HeadwiseCache>(config_.num_layers, config_.num_kv_heads, config_.head_dim,
+                                                dtype_, device_);
+}
+
+at::Tensor Transformer::PreRopeQueries(int64_t l, const at::Tensor& x_norm) const {
+  const LayerWeights& L = layers_[l];
+  const int64_t t = x_norm.size(0), hq = config_.num_heads, d = config_.head_dim;
+  at::Tensor w = L.w_qkv.narrow(0, 0, hq * d);
+  at::Tensor b = L.b_qkv.defined() ? L.b_qkv.narrow(0, 0, hq * d) : at::Tensor();
+  at::Tensor q = at::linear(x_norm, w, b).view({t, hq, d});
+  if (config_.qk_norm) q = RmsNorm(q, L.q_norm);
+  return q.transpose(0, 1);
 }
 
 at::Tensor Transformer::RmsNorm(const at::Tensor& x, const at::Tensor& w) const {
@@ -158,7 +168,7 @@ at::Tensor Transformer::RmsNorm(const at::Tensor& x, const at::Tensor& w) const 
 }
 
 at::Tensor Transformer::Forward(const at::Tensor& ids, const at::Tensor& positions, cache::KvCache& cache,
-                                bool all_logits) const {
+                                bool all_logits, LayerHook* hook) const {
   const ModelConfig& c = config_;
   const int64_t t = ids.size(0), d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
@@ -167,7 +177,8 @@ at::Tensor Transformer::Forward(const at::Tensor& ids, const at::Tensor& positio
   at::Tensor x = at::embedding(embed_, ids.to(device_));  // [T, hidden]
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = layers_[l];
-    at::Tensor qkv = at::linear(RmsNorm(x, L.input_norm), L.w_qkv, L.b_qkv);
+    at::Tensor x_norm = RmsNorm(x, L.input_norm);
+    at::Tensor qkv = at::linear(x_norm, L.w_qkv, L.b_qkv);
     auto parts = qkv.split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
     at::Tensor q = parts[0].view({t, hq, d});
     at::Tensor k = parts[1].view({t, hkv, d});
@@ -179,6 +190,7 @@ at::Tensor Transformer::Forward(const at::Tensor& ids, const at::Tensor& positio
     q = Rope::Apply(q.transpose(0, 1), cos, sin);  // [H, T, D]
     k = Rope::Apply(k.transpose(0, 1), cos, sin);
     at::Tensor attn = cache.AppendAndAttend(l, q, k, v, scale);  // [H_q, T, D]
+    if (hook != nullptr) hook->AfterAttention(l, x_norm);
     x = x + at::linear(attn.transpose(0, 1).reshape({t, hq * d}), L.w_o, L.b_o);
 
     auto gu = at::linear(RmsNorm(x, L.post_norm), L.w_gate_up, L.b_gate_up).chunk(2, -1);

@@ -15,7 +15,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/status/statusor.h"
-#include "core/cache/kv_cache.h"
+#include "core/cache/headwise_cache.h"
 #include "core/model/config.h"
 #include "core/model/rope.h"
 
@@ -38,6 +38,16 @@ struct LayerWeights {
   at::Tensor w_down, b_down;             // [hidden, I]
 };
 
+// Sees each layer's attention input during a forward pass (the press pipeline uses it to
+// score the context after the layer's prefill attention, as kvpress's forward hook does).
+class LayerHook {
+ public:
+  virtual ~LayerHook() = default;
+  // x_norm: [T, hidden], the attention input (after input_layernorm) of this chunk; called
+  // after the layer's attention has written the chunk's K/V into the cache.
+  virtual void AfterAttention(int64_t layer, const at::Tensor& x_norm) = 0;
+};
+
 class Transformer {
  public:
   static absl::StatusOr<std::unique_ptr<Transformer>> Load(const std::string& dir, const LoadOptions& opts);
@@ -45,13 +55,19 @@ class Transformer {
   // Runs ids [T] (int64) at absolute positions [T] through every layer, writing K/V into
   // `cache`. Returns fp32 logits [T, vocab] when all_logits, else [1, vocab] for the last token.
   at::Tensor Forward(const at::Tensor& ids, const at::Tensor& positions, cache::KvCache& cache,
-                     bool all_logits = false) const;
+                     bool all_logits = false, LayerHook* hook = nullptr) const;
+
+  // Queries before RoPE for attention inputs x_norm [T, hidden]: [H_q, T, D] (bias and q_norm
+  // applied), as the layer computes them.
+  at::Tensor PreRopeQueries(int64_t layer, const at::Tensor& x_norm) const;
+  const LayerWeights& layer(int64_t l) const { return layers_[l]; }
+  const Rope& rope() const { return rope_; }
 
   const ModelConfig& config() const { return config_; }
   at::ScalarType dtype() const { return dtype_; }
   at::Device device() const { return device_; }
   size_t weight_bytes() const { return weight_bytes_; }
-  std::unique_ptr<cache::DenseKvCache> NewDenseCache() const;
+  std::unique_ptr<cache::HeadwiseCache> NewCache() const;
 
  private:
   Transformer(ModelConfig cfg, at::Device device, at::ScalarType dtype);

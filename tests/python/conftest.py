@@ -1,6 +1,8 @@
 """Shared fixtures for the Python tests: where the build, the test data and the tools are."""
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -37,3 +39,11 @@ def testdata() -> pathlib.Path:
             pytest.fail(f"test data folder {d} is missing, and CI=true requires it")
         pytest.skip(f"test data folder {d} is missing (set DEFKV_TESTDATA)")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_models(repo_root, build_dir) -> pathlib.Path:
+    """The tiny random models of tools/make_tiny_models.py (generated once, then reused)."""
+    out = build_dir / "testdata" / "tiny"
+    subprocess.run([sys.executable, str(repo_root / "tools" / "make_tiny_models.py"), "--out", str(out)], check=True)
+    return out

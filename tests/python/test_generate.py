@@ -6,19 +6,11 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 FAMILIES = ["llama_gqa2", "llama3_scaled_tied", "llama_linear_bias", "qwen2", "qwen3", "mistral"]
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "x = 1 + 2\nprint(x)"]
-
-
-@pytest.fixture(scope="session")
-def tiny_models(repo_root, build_dir) -> pathlib.Path:
-    out = build_dir / "testdata" / "tiny"
-    subprocess.run([sys.executable, str(repo_root / "tools" / "make_tiny_models.py"), "--out", str(out)], check=True)
-    return out
 
 
 def run_generate(bin_dir, *args, check=True):

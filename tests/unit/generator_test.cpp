@@ -105,6 +105,18 @@ TEST_F(Stories, CancelFromTheCallbackStops) {
   EXPECT_LT(r.usage.generated_tokens, 80);
 }
 
+TEST_F(Stories, CancelCheckStopsBetweenSteps) {
+  int polls = 0;
+  auto r = gen_->Generate(Raw("Once upon a time", 80), {}, [&] { return ++polls > 5; });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->finish_reason, FinishReason::kCancelled);
+  EXPECT_LT(r->usage.generated_tokens, 10);
+  auto before = gen_->Generate(Raw("Once upon a time", 80), {}, [] { return true; });
+  ASSERT_TRUE(before.ok());
+  EXPECT_EQ(before->finish_reason, FinishReason::kCancelled);
+  EXPECT_EQ(before->usage.generated_tokens, 0);
+}
+
 TEST_F(Stories, SamplingIsReproducibleBySeed) {
   GenerateRequest req = Raw("Once upon a time", 40);
   req.sampling = {.temperature = 1.0, .top_k = 50, .top_p = 0.95, .seed = 11};

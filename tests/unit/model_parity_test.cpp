@@ -32,7 +32,7 @@ TEST_P(TinyModel, LogitsMatchTransformers) {
   auto model = Transformer::Load(dir, LoadOptions{});
   ASSERT_TRUE(model.ok()) << model.status();
   at::InferenceMode guard;
-  auto cache = (*model)->NewDenseCache();
+  auto cache = (*model)->NewCache();
   const int64_t t = prefill_ids.size(0);
   // Uneven chunks exercise the chunked-prefill mask (queries that are not the whole cache).
   std::vector<at::Tensor> rows;
@@ -54,7 +54,7 @@ TEST_P(TinyModel, LogitsMatchTransformers) {
     if (s + 1 < decode_ids.size(0))
       EXPECT_EQ(step[0].argmax().item<int64_t>(), decode_ids[s + 1].item<int64_t>()) << "greedy step " << s;
   }
-  EXPECT_EQ(cache->length(0), t + decode_ids.size(0));
+  EXPECT_EQ(cache->entries(0), (t + decode_ids.size(0)) * (*model)->config().num_kv_heads);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, TinyModel,

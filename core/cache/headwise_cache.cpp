@@ -1,0 +1,173 @@
+#include "core/cache/headwise_cache.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace defkv::cache {
+
+at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  const int64_t t = q.size(1), s = k.size(1);
+  std::optional<at::Tensor> mask;
+  bool is_causal = false;
+  if (t > 1) {
+    if (t == s) {
+      is_causal = true;
+    } else {
+      // Query i (absolute row s - t + i) may see keys 0 .. s - t + i.
+      auto opts = at::TensorOptions().dtype(at::kLong).device(q.device());
+      mask = at::arange(0, s, opts).unsqueeze(0) <= at::arange(s - t, s, opts).unsqueeze(1);
+    }
+  }
+  auto out = at::scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask,
+                                              /*dropout_p=*/0.0, is_causal, scale,
+                                              /*enable_gqa=*/q.size(0) != k.size(0));
+  return out.squeeze(0);
+}
+
+HeadwiseCache::HeadwiseCache(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, at::ScalarType dtype,
+                             at::Device device)
+    : num_kv_heads_(num_kv_heads), head_dim_(head_dim), dtype_(dtype), device_(device), layers_(num_layers) {
+  for (auto& L : layers_) {
+    L.offset.assign(num_kv_heads, 0);
+    L.length.assign(num_kv_heads, 0);
+    L.capacity.assign(num_kv_heads, 0);
+  }
+}
+
+void HeadwiseCache::Reserve(int64_t tokens) {
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    auto& L = layers_[l];
+    std::vector<int64_t> cap(num_kv_heads_);
+    for (int64_t h = 0; h < num_kv_heads_; ++h) cap[h] = std::max(tokens, L.length[h]);
+    Relayout(static_cast<int64_t>(l), cap);
+  }
+}
+
+void HeadwiseCache::Relayout(int64_t layer, const std::vector<int64_t>& cap) {
+  Layer& L = layers_[layer];
+  std::vector<int64_t> offset(num_kv_heads_);
+  int64_t rows = 0;
+  for (int64_t h = 0; h < num_kv_heads_; ++h) {
+    offset[h] = rows;
+    rows += cap[h];
+  }
+  auto opts = at::TensorOptions().dtype(dtype_).device(device_);
+  at::Tensor k = at::empty({rows, head_dim_}, opts), v = at::empty({rows, head_dim_}, opts);
+  for (int64_t h = 0; h < num_kv_heads_; ++h) {
+    if (L.length[h] == 0) continue;
+    k.narrow(0, offset[h], L.length[h]).copy_(L.k.narrow(0, L.offset[h], L.length[h]));
+    v.narrow(0, offset[h], L.length[h]).copy_(L.v.narrow(0, L.offset[h], L.length[h]));
+  }
+  L.k = k;
+  L.v = v;
+  L.offset = offset;
+  L.capacity = cap;
+  L.uniform = std::all_of(cap.begin(), cap.end(), [&](int64_t c) { return c == cap[0]; }) &&
+              std::all_of(L.length.begin(), L.length.end(), [&](int64_t n) { return n == L.length[0]; });
+}
+
+at::Tensor HeadwiseCache::AppendAndAttend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, double scale) {
+  Layer& L = layers_[layer];
+  const int64_t t = k.size(1);
+  bool full = false;
+  for (int64_t h = 0; h < num_kv_heads_; ++h) full |= L.length[h] + t > L.capacity[h];
+  if (full) {  // out of reserved room: double every segment that needs it
+    std::vector<int64_t> cap = L.capacity;
+    for (int64_t h = 0; h < num_kv_heads_; ++h)
+      if (L.length[h] + t > cap[h]) cap[h] = std::max(L.length[h] + t, 2 * cap[h]);
+    Relayout(layer, cap);
+  }
+  if (L.uniform) {
+    const int64_t cap = L.capacity[0], len = L.length[0];
+    L.k.view({num_kv_heads_, cap, head_dim_}).narrow(1, len, t).copy_(k);
+    L.v.view({num_kv_heads_, cap, head_dim_}).narrow(1, len, t).copy_(v);
+    for (auto& n : L.length) n += t;
+    return CausalAttention(q, keys(layer), values(layer), scale);
+  }
+  for (int64_t h = 0; h < num_kv_heads_; ++h) {
+    L.k.narrow(0, L.offset[h] + L.length[h], t).copy_(k[h]);
+    L.v.narrow(0, L.offset[h] + L.length[h], t).copy_(v[h]);
+    L.length[h] += t;
+  }
+  return AttendSegments(L, q, t, scale);
+}
+
+at::Tensor HeadwiseCache::AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const {
+  const int64_t group = q.size(0) / num_kv_heads_;
+  std::vector<at::Tensor> outs;
+  outs.reserve(num_kv_heads_);
+  for (int64_t h = 0; h < num_kv_heads_; ++h) {
+    auto kh = L.k.narrow(0, L.offset[h], L.length[h]).unsqueeze(0);
+    auto vh = L.v.narrow(0, L.offset[h], L.length[h]).unsqueeze(0);
+    outs.push_back(CausalAttention(q.narrow(0, h * group, group), kh, vh, scale));
+  }
+  return at::cat(outs, 0);
+}
+
+void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, int64_t extra_capacity) {
+  Layer& L = layers_[layer];
+  TORCH_CHECK(static_cast<int64_t>(kept.size()) == num_kv_heads_, "Compact: one index set per kv head");
+  std::vector<int64_t> cap(num_kv_heads_), new_len(num_kv_heads_);
+  std::vector<at::Tensor> src_rows;
+  for (int64_t h = 0; h < num_kv_heads_; ++h) {
+    at::Tensor idx = std::get<0>(kept[h].to(at::kCPU, at::kLong).sort());
+    TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < L.length[h]),
+                "Compact: kept index outside head ", h, "'s ", L.length[h], " entries");
+    new_len[h] = idx.numel();
+    cap[h] = new_len[h] + extra_capacity;
+    src_rows.push_back(idx + L.offset[h]);
+  }
+  at::Tensor rows = at::cat(src_rows).to(device_);
+  at::Tensor k_kept = L.k.index_select(0, rows), v_kept = L.v.index_select(0, rows);
+  const int64_t total = std::accumulate(cap.begin(), cap.end(), int64_t{0});
+  auto opts = at::TensorOptions().dtype(dtype_).device(device_);
+  L.k = at::empty({total, head_dim_}, opts);
+  L.v = at::empty({total, head_dim_}, opts);
+  int64_t dst = 0, src = 0;
+  for (int64_t h = 0; h < num_kv_heads_; ++h) {
+    L.offset[h] = dst;
+    if (new_len[h] > 0) {
+      L.k.narrow(0, dst, new_len[h]).copy_(k_kept.narrow(0, src, new_len[h]));
+      L.v.narrow(0, dst, new_len[h]).copy_(v_kept.narrow(0, src, new_len[h]));
+    }
+    src += new_len[h];
+    dst += cap[h];
+  }
+  L.length = new_len;
+  L.capacity = cap;
+  L.uniform = std::all_of(cap.begin(), cap.end(), [&](int64_t c) { return c == cap[0]; }) &&
+              std::all_of(new_len.begin(), new_len.end(), [&](int64_t n) { return n == new_len[0]; });
+}
+
+at::Tensor HeadwiseCache::keys(int64_t layer) const {
+  const Layer& L = layers_[layer];
+  TORCH_CHECK(L.uniform, "keys(): layer ", layer, " has per-head lengths");
+  return L.k.view({num_kv_heads_, L.capacity[0], head_dim_}).narrow(1, 0, L.length[0]);
+}
+at::Tensor HeadwiseCache::values(int64_t layer) const {
+  const Layer& L = layers_[layer];
+  TORCH_CHECK(L.uniform, "values(): layer ", layer, " has per-head lengths");
+  return L.v.view({num_kv_heads_, L.capacity[0], head_dim_}).narrow(1, 0, L.length[0]);
+}
+at::Tensor HeadwiseCache::head_keys(int64_t layer, int64_t h) const {
+  const Layer& L = layers_[layer];
+  return L.k.narrow(0, L.offset[h], L.length[h]);
+}
+at::Tensor HeadwiseCache::head_values(int64_t layer, int64_t h) const {
+  const Layer& L = layers_[layer];
+  return L.v.narrow(0, L.offset[h], L.length[h]);
+}
+
+int64_t HeadwiseCache::entries(int64_t layer) const {
+  const auto& len = layers_[layer].length;
+  return std::accumulate(len.begin(), len.end(), int64_t{0});
+}
+
+int64_t HeadwiseCache::bytes_used() const {
+  int64_t n = 0;
+  for (size_t l = 0; l < layers_.size(); ++l) n += entries(static_cast<int64_t>(l));
+  return n * entry_bytes();
+}
+
+}  // namespace defkv::cache

@@ -1,0 +1,64 @@
+// HeadwiseCache: per (layer, kv-head) variable-length K/V segments in one flattened buffer per
+// layer (DESIGN.md §3, spec/presses.md §6).
+//
+// Layout, per layer:  k_buf, v_buf: [rows, D]
+//   segment h occupies rows [offset[h], offset[h] + capacity[h]); the first length[h] hold
+//   entries, in the order they were appended (after compaction: kept context entries in
+//   position order, then the question and generated tokens).
+// Before compression every head has the same capacity and length (offset[h] = h * capacity):
+// the buffer is then a dense [H, capacity, D] tensor and attention runs batched over heads.
+// Compact() gives each head its own length and sizes its segment kept + extra, so the question
+// and the decode steps append in place: no per-step copy of the cache.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/cache/kv_cache.h"
+
+namespace defkv::cache {
+
+class HeadwiseCache final : public KvCache {
+ public:
+  HeadwiseCache(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, at::ScalarType dtype,
+                at::Device device);
+
+  // Gives every head of every layer room for `tokens` entries (uniform layout).
+  void Reserve(int64_t tokens);
+
+  at::Tensor AppendAndAttend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             double scale) override;
+  int64_t entries(int64_t layer) const override;
+  int64_t bytes_used() const override;
+
+  // Keeps in `layer` only the entries kept[h] (int64 positions into head h's segment, any
+  // order; stored in ascending order) and sizes each segment to its kept count + extra.
+  void Compact(int64_t layer, const std::vector<at::Tensor>& kept, int64_t extra_capacity);
+
+  bool uniform(int64_t layer) const { return layers_[layer].uniform; }
+  const std::vector<int64_t>& head_lengths(int64_t layer) const { return layers_[layer].length; }
+  // [H, length, D] views of a uniform layer (all heads the same length).
+  at::Tensor keys(int64_t layer) const;
+  at::Tensor values(int64_t layer) const;
+  // One head's entries, [length[h], D].
+  at::Tensor head_keys(int64_t layer, int64_t head) const;
+  at::Tensor head_values(int64_t layer, int64_t head) const;
+  int64_t entry_bytes() const { return 2 * head_dim_ * static_cast<int64_t>(c10::elementSize(dtype_)); }
+
+ private:
+  struct Layer {
+    at::Tensor k, v;  // [rows, D]
+    std::vector<int64_t> offset, length, capacity;
+    bool uniform = true;
+  };
+  // Re-lays `layer` out with capacities `cap` (each >= its length), copying the entries.
+  void Relayout(int64_t layer, const std::vector<int64_t>& cap);
+  at::Tensor AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const;
+
+  int64_t num_kv_heads_, head_dim_;
+  at::ScalarType dtype_;
+  at::Device device_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace defkv::cache

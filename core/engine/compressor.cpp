@@ -1,0 +1,67 @@
+#include "core/engine/compressor.h"
+
+#include <chrono>
+
+namespace defkv::engine {
+namespace {
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+}  // namespace
+
+Compressor::Compressor(const model::Transformer& model, cache::HeadwiseCache& cache, press::Press& press, double ratio,
+                       int64_t context_len, int64_t extra_capacity, bool keep_positions)
+    : model_(model), cache_(cache), press_(press), ratio_(ratio), context_len_(context_len), extra_(extra_capacity),
+      rows_needed_(press.hidden_rows(context_len)), hidden_(model.config().num_layers),
+      kept_(model.config().num_layers, std::vector<int64_t>(model.config().num_kv_heads, context_len)),
+      keep_positions_(keep_positions) {
+  if (keep_positions_) {
+    // Until a layer is compressed it keeps everything.
+    std::vector<int32_t> all(context_len);
+    for (int64_t i = 0; i < context_len; ++i) all[i] = static_cast<int32_t>(i);
+    positions_.assign(model.config().num_layers, std::vector<std::vector<int32_t>>(model.config().num_kv_heads, all));
+  }
+}
+
+void Compressor::AfterAttention(int64_t layer, const at::Tensor& x_norm) {
+  if (rows_needed_ != 0) {
+    at::Tensor& h = hidden_[layer];
+    h = h.defined() ? at::cat({h, x_norm}, 0) : x_norm;
+    if (rows_needed_ > 0 && h.size(0) > rows_needed_) h = h.narrow(0, h.size(0) - rows_needed_, rows_needed_).clone();
+  }
+  if (!last_chunk_) return;
+
+  press::LayerInputs in;
+  in.layer = layer;
+  in.model = &model_;
+  in.keys = cache_.keys(layer);
+  in.values = cache_.values(layer);
+  in.hidden = hidden_[layer];
+  in.compression_ratio = ratio_;
+  const auto t = Clock::now();
+  std::optional<press::HeadSelection> sel = press_.CompressLayer(in);
+  scoring_s_ += Since(t);
+  hidden_[layer] = at::Tensor();
+  if (sel) Apply(layer, *sel);
+}
+
+void Compressor::Finish() {
+  const auto t = Clock::now();
+  std::vector<press::HeadSelection> all = press_.Finish();
+  scoring_s_ += Since(t);
+  for (size_t l = 0; l < all.size(); ++l) Apply(static_cast<int64_t>(l), all[l]);
+}
+
+void Compressor::Apply(int64_t layer, const press::HeadSelection& sel) {
+  const auto t = Clock::now();
+  cache_.Compact(layer, sel, extra_);
+  compaction_s_ += Since(t);
+  for (size_t h = 0; h < sel.size(); ++h) {
+    kept_[layer][h] = sel[h].numel();
+    if (keep_positions_) {
+      at::Tensor sorted = std::get<0>(sel[h].to(at::kCPU, at::kLong).sort()).to(at::kInt).contiguous();
+      positions_[layer][h].assign(sorted.data_ptr<int32_t>(), sorted.data_ptr<int32_t>() + sorted.numel());
+    }
+  }
+}
+
+}  // namespace defkv::engine

@@ -1,0 +1,103 @@
+// Building blocks shared by the presses: kept-count rounding, top-k selections, the
+// observation-window attention, pooling and the projected value norm.
+#include <cmath>
+#include <limits>
+
+#include "core/press/press.h"
+
+namespace defkv::press {
+
+int64_t NKept(int64_t context_len, double ratio) {
+  const auto n = static_cast<int64_t>(static_cast<double>(context_len) * (1.0 - ratio));
+  return std::max<int64_t>(1, n);
+}
+
+HeadSelection TopKPerHead(const at::Tensor& scores, int64_t n) {
+  std::vector<int64_t> counts(scores.size(0), n);
+  return TopKPerHead(scores, counts);
+}
+
+HeadSelection TopKPerHead(const at::Tensor& scores, const std::vector<int64_t>& counts) {
+  HeadSelection out;
+  for (int64_t h = 0; h < scores.size(0); ++h) {
+    const int64_t n = std::min<int64_t>(counts[h], scores.size(1));
+    out.push_back(std::get<1>(scores[h].topk(n)));
+  }
+  return out;
+}
+
+std::vector<int64_t> CountPerHead(const at::Tensor& flat_indices, int64_t num_heads, int64_t len) {
+  at::Tensor heads = at::floor_divide(flat_indices, len).to(at::kCPU);
+  at::Tensor counts = at::bincount(heads, {}, num_heads);
+  std::vector<int64_t> out(num_heads);
+  for (int64_t h = 0; h < num_heads; ++h) out[h] = counts[h].item<int64_t>();
+  return out;
+}
+
+HeadSelection FlatTopK(const at::Tensor& scores, int64_t n) {
+  const int64_t heads = scores.size(0), len = scores.size(1);
+  at::Tensor idx = std::get<1>(scores.reshape({-1}).topk(std::min(n, heads * len)));
+  at::Tensor head_of = at::floor_divide(idx, len);
+  HeadSelection out;
+  for (int64_t h = 0; h < heads; ++h) out.push_back(idx.masked_select(head_of == h) - h * len);
+  return out;
+}
+
+std::optional<HeadSelection> ScorerPress::CompressLayer(const LayerInputs& in) {
+  return TopKPerHead(Score(in), NKept(in.context_len(), in.compression_ratio));
+}
+
+at::Tensor WindowAttention(const LayerInputs& in, int64_t w) {
+  const model::Transformer& m = *in.model;
+  const int64_t len = in.context_len(), hq = m.config().num_heads, d = m.config().head_dim;
+  at::Tensor x = in.hidden.narrow(0, in.hidden.size(0) - w, w);
+  at::Tensor q = m.PreRopeQueries(in.layer, x);  // [H_q, w, D]
+  auto positions = at::arange(len - w, len, at::TensorOptions().dtype(at::kLong).device(q.device()));
+  auto [cos, sin] = m.rope().Tables(positions, q.scalar_type());
+  q = model::Rope::Apply(q, cos, sin);
+  at::Tensor k = in.keys.repeat_interleave(hq / in.num_kv_heads(), 0);  // [H_q, L, D]
+  at::Tensor logits = at::matmul(q, k.transpose(1, 2)) / std::sqrt(static_cast<double>(d));
+  // Window query j sits at position L - w + j and sees keys 0 .. L - w + j.
+  auto opts = at::TensorOptions().dtype(at::kLong).device(q.device());
+  at::Tensor future = at::arange(0, len, opts).unsqueeze(0) > at::arange(len - w, len, opts).unsqueeze(1);
+  logits = logits.to(at::kFloat).masked_fill(future, -std::numeric_limits<float>::infinity());
+  return at::softmax(logits, -1).narrow(-1, 0, len - w);
+}
+
+at::Tensor AvgPool(const at::Tensor& x, int64_t k) {
+  // avg_pool1d wants [N, C, L]; count_include_pad divides every window by k.
+  auto shape = x.sizes().vec();
+  at::Tensor flat = x.reshape({-1, 1, shape.back()});
+  at::Tensor pooled = at::avg_pool1d(flat, {k}, {1}, {k / 2}, /*ceil_mode=*/false, /*count_include_pad=*/true);
+  return pooled.reshape(shape);
+}
+
+at::Tensor GroupMean(const at::Tensor& x, int64_t num_kv_heads) {
+  auto shape = x.sizes().vec();
+  std::vector<int64_t> grouped = {num_kv_heads, shape[0] / num_kv_heads};
+  grouped.insert(grouped.end(), shape.begin() + 1, shape.end());
+  return x.reshape(grouped).mean(1);
+}
+
+at::Tensor ProjectedValueNorm(const LayerInputs& in, int64_t n) {
+  const model::Transformer& m = *in.model;
+  const int64_t hq = m.config().num_heads, d = m.config().head_dim, hidden = m.config().hidden_size;
+  const int64_t group = hq / in.num_kv_heads();
+  // W_o^(h) = o_proj.weight[:, hD:(h+1)D]^T, as [H_q, D, hidden].
+  at::Tensor wo = m.layer(in.layer).w_o.view({hidden, hq, d}).permute({1, 2, 0});
+  at::Tensor out = at::empty({hq, n}, in.values.options().dtype(at::kFloat));
+  constexpr int64_t kBlock = 1024;  // bounds the [H_q, block, hidden] product
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t rows = std::min(kBlock, n - b);
+    at::Tensor v = in.values.narrow(1, b, rows).repeat_interleave(group, 0);  // [H_q, rows, D]
+    out.narrow(1, b, rows).copy_(at::bmm(v, wo).abs().sum(-1));
+  }
+  return out;
+}
+
+at::Tensor PadScores(const at::Tensor& scores, int64_t n, double value, bool at_start) {
+  at::Tensor pad = at::full({scores.size(0), n}, value, scores.options());
+  return at_start ? at::cat({pad, scores}, 1) : at::cat({scores, pad}, 1);
+}
+
+}  // namespace defkv::press

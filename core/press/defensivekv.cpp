@@ -1,0 +1,122 @@
+// DefensiveKV: defensive aggregation (worst case over the observed queries, lifted to the
+// head's mean as a prior) weighted by the head's share of the projected value norm, with
+// attention-mass protection and AdaKV-style budgets inside the layer. Layer-DefensiveKV scores
+// the same way and lets all layers compete for one budget.
+#include "core/press/defensivekv.h"
+
+#include "absl/strings/str_cat.h"
+#include "core/press/presses.h"
+
+namespace defkv::press {
+namespace defensive {
+
+at::Tensor DefensiveAggregate(const at::Tensor& attn, int64_t num_kv_heads, int64_t kernel_size, at::Tensor* m_out,
+                              at::Tensor* mu_out) {
+  const int64_t hq = attn.size(0), w = attn.size(1), n = attn.size(2);
+  at::Tensor base = attn.sum(-1, true);
+  at::Tensor pooled = AvgPool(attn, kernel_size);
+  at::Tensor mass = pooled.sum(-1, true);
+  // A row with no mass stays all zero instead of 0/0.
+  at::Tensor renorm = at::where(mass > 0, pooled * base / mass, at::zeros_like(pooled));
+  at::Tensor m = renorm.view({num_kv_heads, hq / num_kv_heads * w, n}).amax(1);  // max over G and window
+  at::Tensor mu = m.mean(-1, true);
+  if (m_out) *m_out = m;
+  if (mu_out) *mu_out = mu.squeeze(-1);
+  return at::maximum(m, mu);
+}
+
+HeadSelection StageOneProtected(const at::Tensor& abar, double tau, double beta, int64_t cap) {
+  HeadSelection out;
+  const double threshold = tau - beta;
+  cap = std::max<int64_t>(0, cap);
+  for (int64_t g = 0; g < abar.size(0); ++g) {
+    at::Tensor p = abar[g] / abar[g].sum();
+    auto [sorted, order] = p.sort(/*dim=*/-1, /*descending=*/true);
+    at::Tensor crossed = (sorted.cumsum(0) >= threshold).nonzero();
+    int64_t count = crossed.numel() > 0 ? crossed[0][0].item<int64_t>() : 0;
+    out.push_back(order.narrow(0, 0, std::min(count, cap)));
+  }
+  return out;
+}
+
+at::Tensor LayerScores(const LayerInputs& in, int64_t window, int64_t kernel_size, double tau) {
+  const int64_t len = in.context_len(), n = len - window, heads = in.num_kv_heads();
+  at::Tensor a = WindowAttention(in, window);  // [H_q, w, n]
+  // (a) beta: mass on the last w non-window tokens (the reference's choice, kept for parity).
+  const int64_t tail = std::min(window, n);
+  const double beta = a.narrow(2, n - tail, tail).sum(-1).mean().item<double>();
+  // (b) raw attention for stage 1.
+  at::Tensor abar = GroupMean(a.mean(1), heads);
+  // (c)-(d) defensive aggregation, (e) value-norm share across kv heads.
+  at::Tensor s = DefensiveAggregate(a, heads, kernel_size);
+  at::Tensor vnorm = GroupMean(ProjectedValueNorm(in, n), heads);
+  s = s * (vnorm / vnorm.sum(0, true));
+  // (f) stage-1 tokens and (g) the window get the layer's maximum.
+  const double s_max = s.max().item<double>();
+  const auto cap = static_cast<int64_t>(static_cast<double>(n) * (1.0 - in.compression_ratio) - static_cast<double>(window));
+  HeadSelection prot = StageOneProtected(abar, tau, beta, cap);
+  for (int64_t g = 0; g < heads; ++g)
+    if (prot[g].numel() > 0) s[g].index_fill_(0, prot[g], s_max);
+  return PadScores(s, window, s_max);
+}
+
+}  // namespace defensive
+
+namespace {
+
+class DefensiveKVPress final : public Press {
+ public:
+  DefensiveKVPress(int64_t w, int64_t k, double tau, bool across_layers)
+      : window_(w), kernel_(k), tau_(tau), across_layers_(across_layers) {}
+  absl::Status CheckContext(int64_t len) const override {
+    if (len <= window_)
+      return absl::InvalidArgumentError(
+          absl::StrCat("the context has ", len, " tokens; this press needs more than window_size=", window_));
+    return absl::OkStatus();
+  }
+  int64_t hidden_rows(int64_t) const override { return window_; }
+
+  std::optional<HeadSelection> CompressLayer(const LayerInputs& in) override {
+    at::Tensor s = defensive::LayerScores(in, window_, kernel_, tau_);
+    const double per_layer = static_cast<double>(in.context_len()) * (1.0 - in.compression_ratio) *
+                             static_cast<double>(in.num_kv_heads());
+    if (!across_layers_) return FlatTopK(s, static_cast<int64_t>(per_layer));
+    layer_scores_.push_back(s);
+    total_ = static_cast<int64_t>(per_layer * static_cast<double>(in.model->config().num_layers));
+    return std::nullopt;
+  }
+
+  // Layer-DefensiveKV: the global top entries over every layer's flattened scores.
+  std::vector<HeadSelection> Finish() override {
+    std::vector<HeadSelection> out;
+    if (layer_scores_.empty()) return out;
+    const int64_t heads = layer_scores_[0].size(0), len = layer_scores_[0].size(1);
+    at::Tensor all = at::stack(layer_scores_).reshape({-1});
+    at::Tensor idx = std::get<1>(all.topk(std::min<int64_t>(total_, all.numel())));
+    at::Tensor layer_of = at::floor_divide(idx, heads * len);
+    for (int64_t l = 0; l < static_cast<int64_t>(layer_scores_.size()); ++l) {
+      at::Tensor in_layer = idx.masked_select(layer_of == l) - l * heads * len;
+      at::Tensor head_of = at::floor_divide(in_layer, len);
+      HeadSelection sel;
+      for (int64_t h = 0; h < heads; ++h) sel.push_back(in_layer.masked_select(head_of == h) - h * len);
+      out.push_back(std::move(sel));
+    }
+    layer_scores_.clear();
+    return out;
+  }
+
+ private:
+  int64_t window_, kernel_;
+  double tau_;
+  bool across_layers_;
+  std::vector<at::Tensor> layer_scores_;
+  int64_t total_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Press> MakeDefensiveKV(int64_t w, int64_t k, double tau, bool across_layers) {
+  return std::make_unique<DefensiveKVPress>(w, k, tau, across_layers);
+}
+
+}  // namespace defkv::press

@@ -1,0 +1,52 @@
+#include "core/press/snapkv.h"
+
+#include "core/press/presses.h"
+
+#include <cmath>
+
+namespace defkv::press {
+
+absl::Status SnapKVPress::CheckContext(int64_t context_len) const {
+  if (context_len <= window_)
+    return absl::InvalidArgumentError(absl::StrCat("the context has ", context_len,
+                                                   " tokens; this press needs more than window_size=", window_));
+  return absl::OkStatus();
+}
+
+at::Tensor SnapKVPress::Score(const LayerInputs& in) {
+  at::Tensor a = WindowAttention(in, window_);             // [H_q, w, n]
+  at::Tensor s = GroupMean(AvgPool(a.mean(1), kernel_), in.num_kv_heads());  // [H, n]
+  return PadScores(s, window_, s.max().item<double>() + 1);
+}
+
+int64_t PyramidKVPress::LayerBudget(int64_t len, double ratio, int64_t window, int64_t beta, int64_t layer,
+                                    int64_t num_layers) {
+  const double w = static_cast<double>(window), l = static_cast<double>(len);
+  const double max_capacity = w + l * (1 - ratio);
+  double min_num = (max_capacity - w) / static_cast<double>(beta);
+  double max_num = (max_capacity - w) * 2 - min_num;
+  if (max_num >= l - w) {
+    max_num = l - w;
+    min_num = (max_capacity - w) * 2 - max_num;
+  }
+  // std::nearbyint rounds half to even, like Python's round().
+  if (!(l >= max_num && max_num >= min_num && min_num >= w))
+    return std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(l * (1 - ratio))));
+  const double steps = num_layers > 1 ? (max_num - min_num) / static_cast<double>(num_layers - 1) : 0.0;
+  return static_cast<int64_t>(std::nearbyint(max_num - static_cast<double>(layer) * steps));
+}
+
+std::optional<HeadSelection> PyramidKVPress::CompressLayer(const LayerInputs& in) {
+  const int64_t n = LayerBudget(in.context_len(), in.compression_ratio, window_, beta_, in.layer,
+                                in.model->config().num_layers);
+  return TopKPerHead(Score(in), n);
+}
+
+}  // namespace defkv::press
+
+namespace defkv::press {
+std::unique_ptr<Press> MakeSnapKV(int64_t w, int64_t k) { return std::make_unique<SnapKVPress>(w, k); }
+std::unique_ptr<Press> MakePyramidKV(int64_t w, int64_t k, int64_t beta) {
+  return std::make_unique<PyramidKVPress>(w, k, beta);
+}
+}  // namespace defkv::press

@@ -1,0 +1,285 @@
+// Presses against the oracles of spec/presses.md §11 and the worked example of §4.5, on real
+// layer inputs from a prefill of a tiny random model.
+#include <set>
+
+#include <gtest/gtest.h>
+
+#include "core/press/defensivekv.h"
+#include "core/press/presses.h"
+#include "core/press/registry.h"
+#include "core/press/snapkv.h"
+
+namespace defkv::press {
+namespace {
+
+// ---- spec §4.5: the toy example ----
+
+at::Tensor ToyAttention() {
+  // [H_q = 2, w = 2, n = 6], rows (h'0,j0), (h'0,j1), (h'1,j0), (h'1,j1).
+  return at::tensor({.30, .05, .05, .10, .05, .05, .20, .02, .02, .02, .30, .04,  //
+                     .40, .10, .00, .00, .00, .10, .10, .00, .50, .00, .00, .00},
+                    at::kFloat)
+      .view({2, 2, 6});
+}
+
+TEST(DefensiveKV, WorkedExampleAggregation) {
+  at::Tensor m, mu;
+  at::Tensor s = defensive::DefensiveAggregate(ToyAttention(), /*num_kv_heads=*/1, /*kernel_size=*/5, &m, &mu);
+  auto expect = [](const at::Tensor& got, std::vector<float> want) {
+    at::Tensor w = at::tensor(want, at::kFloat).view_as(got);
+    EXPECT_LT((got - w).abs().max().item<double>(), 1e-5) << got;
+  };
+  expect(m, {.15789f, .15789f, .15789f, .10909f, .10714f, .09818f});
+  expect(mu, {.13135f});
+  expect(s, {.15789f, .15789f, .15789f, .13135f, .13135f, .13135f});
+}
+
+TEST(DefensiveKV, WorkedExampleStageOne) {
+  at::Tensor abar = ToyAttention().mean(1).mean(0, true);  // [1, 6]
+  HeadSelection prot = defensive::StageOneProtected(abar, /*tau=*/0.9, /*beta=*/0.0, /*cap=*/100);
+  at::Tensor got = std::get<0>(prot[0].sort());
+  EXPECT_TRUE(got.equal(at::tensor({0, 2, 4, 5}, at::kLong))) << got;
+  // The cap bounds the set, and a negative cap protects nothing (clamped, documented).
+  EXPECT_EQ(defensive::StageOneProtected(abar, 0.9, 0.0, 2)[0].numel(), 2);
+  EXPECT_EQ(defensive::StageOneProtected(abar, 0.9, 0.0, -3)[0].numel(), 0);
+}
+
+TEST(DefensiveKV, AggregationOracles) {
+  at::manual_seed(5);
+  at::Tensor a = at::softmax(at::randn({8, 4, 40}), -1) * 0.7;  // rows with 0.7 mass, G = 4
+  at::Tensor m, mu;
+  at::Tensor s = defensive::DefensiveAggregate(a, 2, 5, &m, &mu);
+  // (14) S >= mu, S == M where M >= mu, some token sits at the prior.
+  EXPECT_TRUE((s >= mu.unsqueeze(1) - 1e-7).all().item<bool>());
+  EXPECT_TRUE(at::where(m >= mu.unsqueeze(1), s == m, at::ones_like(m, at::kBool)).all().item<bool>());
+  EXPECT_TRUE((s == mu.unsqueeze(1)).any(1).all().item<bool>());
+  // (15) M >= SnapKV-style mean of the same pooled rows.
+  at::Tensor pooled = AvgPool(a, 5);
+  pooled = pooled * a.sum(-1, true) / pooled.sum(-1, true);
+  at::Tensor mean_agg = pooled.view({2, 16, 40}).mean(1);
+  EXPECT_TRUE((m >= mean_agg - 1e-7).all().item<bool>());
+  // (16) renormalised pooling keeps each row's mass.
+  EXPECT_LT((pooled.sum(-1) - a.sum(-1)).abs().max().item<double>(), 1e-6);
+}
+
+// ---- real layer inputs from a tiny model ----
+
+class Capture : public model::LayerHook {
+ public:
+  explicit Capture(int64_t layers) : hidden(layers) {}
+  void AfterAttention(int64_t layer, const at::Tensor& x) override { hidden[layer] = x.clone(); }
+  std::vector<at::Tensor> hidden;
+};
+
+struct Prefill {
+  std::unique_ptr<model::Transformer> model;
+  std::unique_ptr<cache::HeadwiseCache> cache;
+  std::vector<at::Tensor> hidden;
+
+  LayerInputs Inputs(int64_t layer, double ratio) const {
+    LayerInputs in;
+    in.layer = layer;
+    in.model = model.get();
+    in.keys = cache->keys(layer);
+    in.values = cache->values(layer);
+    in.hidden = hidden[layer];
+    in.compression_ratio = ratio;
+    return in;
+  }
+};
+
+Prefill PrefillModel(const std::string& family, int64_t len, uint64_t seed = 0) {
+  Prefill p;
+  auto m = model::Transformer::Load(std::string(DEFKV_TINY_MODELS) + "/" + family, {});
+  EXPECT_TRUE(m.ok()) << m.status();
+  p.model = std::move(*m);
+  p.cache = p.model->NewCache();
+  p.cache->Reserve(len);
+  Capture cap(p.model->config().num_layers);
+  at::manual_seed(seed);
+  at::InferenceMode guard;
+  p.model->Forward(at::randint(3, 320, {len}, at::kLong), at::arange(len, at::kLong), *p.cache, false, &cap);
+  p.hidden = cap.hidden;
+  return p;
+}
+
+std::unique_ptr<Press> Make(const std::string& name, std::map<std::string, std::string> opts = {}) {
+  auto p = MakePress(name, opts);
+  EXPECT_TRUE(p.ok()) << p.status();
+  return p.ok() ? std::move(*p) : nullptr;
+}
+
+std::set<int64_t> AsSet(const at::Tensor& t) {
+  std::set<int64_t> s;
+  at::Tensor c = t.to(at::kLong).contiguous();
+  for (int64_t i = 0; i < c.numel(); ++i) s.insert(c.data_ptr<int64_t>()[i]);
+  return s;
+}
+
+class PressOnModel : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { p_ = new Prefill(PrefillModel("mistral", 100)); }  // GQA 4:1, 2 kv heads
+  static void TearDownTestSuite() { delete p_; }
+  static inline Prefill* p_ = nullptr;
+};
+
+TEST_F(PressOnModel, UniformPressesKeepTheirTopScoresInEveryHead) {
+  at::InferenceMode guard;
+  for (const char* name : {"snapkv", "knorm", "keydiff", "tova", "observed_attention", "expected_attention", "random"}) {
+    auto press = Make(name, {});
+    auto* scorer = dynamic_cast<ScorerPress*>(press.get());
+    ASSERT_NE(scorer, nullptr) << name;
+    for (double ratio : {0.25, 0.5, 0.8}) {
+      LayerInputs in = p_->Inputs(1, ratio);
+      at::Tensor s = scorer->Score(in);
+      ASSERT_EQ(s.sizes(), (at::IntArrayRef{2, 100})) << name;
+      auto sel = *press->CompressLayer(in);
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t n = NKept(100, ratio);  // 75, 50, 19 (int(100 * 0.19999999999999996))
+        ASSERT_EQ(sel[h].numel(), n) << name << " ratio " << ratio;
+        // (3) the kept scores are the top of the sorted scores (values, so ties do not matter).
+        at::Tensor kept = std::get<0>(s[h].index_select(0, sel[h]).sort(0, true));
+        at::Tensor top = std::get<0>(s[h].sort(0, true)).narrow(0, 0, n);
+        EXPECT_TRUE(kept.equal(top)) << name;
+      }
+    }
+  }
+  EXPECT_EQ(NKept(100, 0.8), 19);
+  EXPECT_EQ(NKept(4096, 0.8), 819);
+  EXPECT_EQ(NKept(4096, 0.9), 409);
+  EXPECT_EQ(NKept(3, 0.9), 1);  // kvpress never empties a head
+}
+
+TEST_F(PressOnModel, StreamingLLMKeepsSinksAndRecentTokens) {
+  auto sel = *Make("streaming_llm")->CompressLayer(p_->Inputs(0, 0.5));
+  std::set<int64_t> want = {0, 1, 2, 3};
+  for (int64_t t = 54; t < 100; ++t) want.insert(t);
+  for (const auto& h : sel) EXPECT_EQ(AsSet(h), want);  // (7)
+}
+
+TEST_F(PressOnModel, WindowAndSinkTokensAreKept) {
+  for (const char* name : {"snapkv", "adakv", "defensivekv"}) {  // (8)
+    auto sel = *Make(name, {{"window_size", "16"}})->CompressLayer(p_->Inputs(1, 0.8));
+    for (const auto& h : sel) {
+      auto s = AsSet(h);
+      for (int64_t t = 84; t < 100; ++t) EXPECT_TRUE(s.count(t)) << name << " evicted window token " << t;
+    }
+  }
+  auto ea = *Make("expected_attention")->CompressLayer(p_->Inputs(0, 0.8));
+  for (const auto& h : ea)
+    for (int64_t t = 0; t < 4; ++t) EXPECT_TRUE(AsSet(h).count(t));
+  auto tova = *Make("tova")->CompressLayer(p_->Inputs(0, 0.8));
+  EXPECT_EQ(AsSet(tova[0]), AsSet(tova[1]));  // same set in every kv head
+  EXPECT_TRUE(AsSet(tova[0]).count(99));
+}
+
+TEST_F(PressOnModel, KnormKeepsTheSmallestKeys) {
+  LayerInputs in = p_->Inputs(0, 0.5);
+  auto sel = *Make("knorm")->CompressLayer(in);
+  for (int64_t h = 0; h < 2; ++h) {
+    at::Tensor norms = at::linalg_vector_norm(in.keys[h], 2, {-1});
+    EXPECT_EQ(AsSet(sel[h]), AsSet(std::get<1>(norms.topk(50, -1, /*largest=*/false))));  // (9)
+  }
+}
+
+TEST_F(PressOnModel, AdaKVBudgets) {
+  LayerInputs in = p_->Inputs(1, 0.8);
+  auto sel = *Make("adakv", {{"window_size", "16"}})->CompressLayer(in);
+  const int64_t n_kept = NKept(100, 0.8), n_safe = std::max<int64_t>(1, static_cast<int64_t>(n_kept * 0.2));
+  EXPECT_EQ(sel[0].numel() + sel[1].numel(), 2 * n_kept);  // (11)
+  for (const auto& h : sel) EXPECT_GE(h.numel(), n_safe);
+  // alpha = 1 secures a full uniform budget per head: the same sets as SnapKV.
+  auto ada1 = *Make("adakv", {{"window_size", "16"}, {"alpha_safeguard", "1"}})->CompressLayer(in);
+  auto snap = *Make("snapkv", {{"window_size", "16"}})->CompressLayer(in);
+  for (int64_t h = 0; h < 2; ++h) EXPECT_EQ(AsSet(ada1[h]), AsSet(snap[h]));
+}
+
+TEST_F(PressOnModel, CriticalAdaKVUsesAdaKVBudgets) {
+  LayerInputs in = p_->Inputs(0, 0.5);
+  auto crit = *Make("critical_adakv", {{"window_size", "16"}})->CompressLayer(in);
+  auto ada = *Make("adakv", {{"window_size", "16"}})->CompressLayer(in);
+  for (int64_t h = 0; h < 2; ++h) EXPECT_EQ(crit[h].numel(), ada[h].numel()) << "head " << h;  // (13)
+}
+
+TEST_F(PressOnModel, CriticalKVFirstStageIsKept) {
+  LayerInputs in = p_->Inputs(1, 0.5);
+  auto snap = std::make_unique<SnapKVPress>(16, 5);
+  at::Tensor base = snap->Score(in);
+  auto sel = *Make("criticalkv", {{"window_size", "16"}})->CompressLayer(in);
+  const int64_t first = static_cast<int64_t>(0.5 * 100 * 0.5);
+  for (int64_t h = 0; h < 2; ++h) {
+    EXPECT_EQ(sel[h].numel(), 50);
+    auto kept = AsSet(sel[h]);
+    at::Tensor top = std::get<1>(base[h].topk(first));
+    for (int64_t i = 0; i < first; ++i) EXPECT_TRUE(kept.count(top[i].item<int64_t>()));  // (12)
+  }
+}
+
+TEST_F(PressOnModel, PyramidBudgetsShrinkWithDepth) {
+  auto budget = [](int64_t len, double r, int64_t layer) { return PyramidKVPress::LayerBudget(len, r, 64, 20, layer, 32); };
+  EXPECT_GT(budget(8192, 0.5, 0), budget(8192, 0.5, 31));
+  double sum = 0;
+  for (int l = 0; l < 32; ++l) {
+    if (l > 0) EXPECT_LE(budget(8192, 0.5, l), budget(8192, 0.5, l - 1));
+    sum += static_cast<double>(budget(8192, 0.5, l));
+  }
+  EXPECT_NEAR(sum / 32, 8192 * 0.5, 2.0);  // (10)
+  // When the smallest layer would hold less than the window, every layer gets round(L(1 - r)).
+  for (int l = 0; l < 32; ++l) EXPECT_EQ(budget(4096, 0.8, l), 819);
+  // The real selection honours the per-layer budget (tiny model: fallback budgets).
+  auto sel = *Make("pyramidkv", {{"window_size", "16"}})->CompressLayer(p_->Inputs(1, 0.5));
+  for (const auto& h : sel) EXPECT_EQ(h.numel(), PyramidKVPress::LayerBudget(100, 0.5, 16, 20, 1, 2));
+}
+
+TEST_F(PressOnModel, DefensiveKVLayerBudgetAndProtection) {
+  for (double ratio : {0.5, 0.8}) {
+    auto sel = *Make("defensivekv", {{"window_size", "16"}})->CompressLayer(p_->Inputs(1, ratio));
+    const auto want = static_cast<int64_t>(100.0 * (1.0 - ratio) * 2.0);  // (18): int(L(1-cr)H)
+    EXPECT_EQ(sel[0].numel() + sel[1].numel(), want);
+  }
+}
+
+TEST(LayerDefensiveKV, OneBudgetAcrossLayers) {
+  Prefill p = PrefillModel("llama_gqa2", 120, 3);
+  auto press = Make("layer_defensivekv", {{"window_size", "16"}});
+  for (int64_t l = 0; l < 2; ++l) EXPECT_FALSE(press->CompressLayer(p.Inputs(l, 0.8)).has_value());
+  auto all = press->Finish();
+  ASSERT_EQ(all.size(), 2u);
+  int64_t total = 0;
+  for (const auto& layer : all)
+    for (const auto& h : layer) total += h.numel();
+  EXPECT_EQ(total, static_cast<int64_t>(120.0 * (1.0 - 0.8) * 2.0 * 2.0));  // (22)
+  // Each layer's set is that layer's own top entries.
+  for (int64_t l = 0; l < 2; ++l) {
+    at::Tensor s = defensive::LayerScores(p.Inputs(l, 0.8), 16, 5, 0.9);
+    int64_t n = 0;
+    for (const auto& h : all[l]) n += h.numel();
+    at::Tensor kept_vals = at::cat({s[0].index_select(0, all[l][0]), s[1].index_select(0, all[l][1])});
+    at::Tensor top = std::get<0>(s.reshape({-1}).sort(0, true)).narrow(0, 0, n);
+    EXPECT_TRUE(std::get<0>(kept_vals.sort(0, true)).equal(top));
+  }
+}
+
+TEST(Registry, NamesAliasesAndOptions) {
+  EXPECT_EQ((*FindPress("efficient_defensivekv"))->name, "defensivekv");
+  EXPECT_EQ((*FindPress("criti_adasnapkv"))->name, "critical_adakv");
+  EXPECT_EQ((*FindPress("ada_snapkv"))->name, "adakv");
+  auto unknown = MakePress("magic", {});
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(unknown.status().message().find("valid presses: none, snapkv"), std::string::npos);
+  auto bad_opt = MakePress("snapkv", {{"windw", "3"}});
+  ASSERT_FALSE(bad_opt.ok());
+  EXPECT_NE(bad_opt.status().message().find("window_size"), std::string::npos);
+  auto bad_type = MakePress("snapkv", {{"window_size", "abc"}});
+  ASSERT_FALSE(bad_type.ok());
+  EXPECT_NE(bad_type.status().message().find("expects an int"), std::string::npos);
+  EXPECT_FALSE(MakePress("snapkv", {{"kernel_size", "4"}}).ok());
+  EXPECT_FALSE(MakePress("defensivekv", {{"tau", "1.5"}}).ok());
+  EXPECT_FALSE(MakePress("knorm", {{"window_size", "3"}}).ok());
+  for (double r : {-0.1, 1.0, 1.5, std::nan("")}) EXPECT_FALSE(CheckRatio(r).ok()) << r;
+  for (double r : {0.0, 0.5, 0.99}) EXPECT_TRUE(CheckRatio(r).ok()) << r;
+  EXPECT_EQ(*MakePress("none", {}), nullptr);
+}
+
+}  // namespace
+}  // namespace defkv::press
