@@ -15,6 +15,10 @@ if(DEFKV_CUDA)
   execute_process(COMMAND ${Python3_EXECUTABLE} -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
                   OUTPUT_VARIABLE _torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE COMMAND_ERROR_IS_FATAL ANY)
   list(APPEND CMAKE_PREFIX_PATH ${_torch_prefix})
+  # Name the architecture so TorchConfig does not probe the machine's GPUs with a try_run.
+  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+    set(ENV{TORCH_CUDA_ARCH_LIST} "9.0")
+  endif()
   find_package(Torch REQUIRED)
   target_link_libraries(defkv_torch INTERFACE ${TORCH_LIBRARIES})
   target_compile_options(defkv_torch INTERFACE ${TORCH_CXX_FLAGS})

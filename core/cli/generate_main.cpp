@@ -188,18 +188,7 @@ int main(int argc, char** argv) {
       }
     };
   }
-  auto gen = defkv::engine::Generator::Create(opts);
-  if (!gen.ok()) {
-    std::fprintf(stderr, "defkv-generate: cannot load model: %s\n", std::string(gen.status().message()).c_str());
-    return 2;
-  }
-  const auto& info = (*gen)->info();
-  if (!args.quiet)
-    std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld/%lld heads, %s on %s, chat template %s) in %.2f s\n",
-                 info.model_dir.c_str(), info.model_type.c_str(), static_cast<long long>(info.num_layers),
-                 static_cast<long long>(info.num_heads), static_cast<long long>(info.num_kv_heads), info.dtype.c_str(),
-                 info.device.c_str(), info.chat_template.c_str(), info.load_seconds);
-
+  // Every argument is checked before the (possibly long) model load.
   defkv::engine::GenerateRequest req;
   if (raw) {
     req.raw_prompt = args.values["--prompt"];
@@ -219,6 +208,18 @@ int main(int argc, char** argv) {
   req.compression_ratio = Number(args, "--compression-ratio", 0.0);
   req.press_options = args.press_options;
   req.report_kept_positions = args.values.count("--kept-json") > 0;
+
+  auto gen = defkv::engine::Generator::Create(opts);
+  if (!gen.ok()) {
+    std::fprintf(stderr, "defkv-generate: cannot load model: %s\n", std::string(gen.status().message()).c_str());
+    return 2;
+  }
+  const auto& info = (*gen)->info();
+  if (!args.quiet)
+    std::fprintf(stderr, "loaded %s (%s, %lld layers, %lld/%lld heads, %s on %s, chat template %s) in %.2f s\n",
+                 info.model_dir.c_str(), info.model_type.c_str(), static_cast<long long>(info.num_layers),
+                 static_cast<long long>(info.num_heads), static_cast<long long>(info.num_kv_heads), info.dtype.c_str(),
+                 info.device.c_str(), info.chat_template.c_str(), info.load_seconds);
 
   if (args.ids) {
     auto prompt = (*gen)->Tokenize(req);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <thread>
 
 #include <ATen/ATen.h>
@@ -16,6 +17,7 @@
 #include "core/press/registry.h"
 #include "core/tokenizer/chat_template.h"
 #include "core/tokenizer/tokenizer.h"
+#include "kernels/device_info.h"
 
 namespace defkv::engine {
 namespace {
@@ -88,6 +90,8 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const EngineOptions
   auto dtype = ParseDtype(options.dtype);
   if (!dtype.ok()) return dtype.status();
   if (options.prefill_chunk <= 0) return absl::InvalidArgumentError("prefill_chunk must be positive");
+  if (!std::filesystem::is_directory(options.model_dir))
+    return absl::NotFoundError(absl::StrCat(options.model_dir, ": model directory does not exist"));
   if (options.threads > 0) at::set_num_threads(options.threads);
   else at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
 
@@ -121,6 +125,12 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const EngineOptions
   info.model_type = c.model_type;
   info.dtype = std::string(c10::toString(impl->model->dtype()));
   info.device = impl->model->device().str();
+  if (impl->model->device().is_cuda()) {
+    // e.g. "cuda:0 (NVIDIA H200, sm_90, 140 GiB)"
+    for (const auto& d : kernels::ListCudaDevices())
+      if (d.index == impl->model->device().index() || (impl->model->device().index() < 0 && d.index == 0))
+        info.device += absl::StrCat(" (", d.name, ", sm_", d.sm_major, d.sm_minor, ", ", d.total_memory >> 30, " GiB)");
+  }
   info.tokenizer = impl->tokenizer->Describe();
   info.chat_template = impl->chat.name();
   info.num_layers = c.num_layers;
