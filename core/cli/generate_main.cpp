@@ -231,7 +231,7 @@ int main(int argc, char** argv) {
       std::fputc('\n', stderr);
     }
   }
-  auto result = (*gen)->Generate(req, [](std::string_view text) {
+  auto result = (*gen)->Generate(req, [](std::string_view text, std::span<const int32_t>) {
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fflush(stdout);
     return true;

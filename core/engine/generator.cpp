@@ -259,6 +259,14 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
     tok::IncrementalDecoder decoder(*impl_->tokenizer, /*skip_special=*/true);
     std::string text;       // everything decoded so far
     size_t streamed = 0;    // bytes of `text` handed to on_text
+    size_t ids_streamed = 0;  // ids handed to on_text
+    auto emit = [&](size_t upto) {
+      std::span<const int32_t> ids(result.token_ids.data() + ids_streamed, result.token_ids.size() - ids_streamed);
+      ids_streamed = result.token_ids.size();
+      const bool go_on = on_text(std::string_view(text).substr(streamed, upto - streamed), ids);
+      streamed = upto;
+      return go_on;
+    };
     int64_t pos = n_ctx + n_q;
     result.finish_reason = stopped ? FinishReason::kCancelled : FinishReason::kLength;
     for (int step = 0; step < request.max_new_tokens && !stopped; ++step) {
@@ -269,7 +277,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
       if (step > 0) {
         logits = run(result.token_ids, static_cast<int64_t>(result.token_ids.size()) - 1, 1, pos++);
       }
-      at::Tensor row = logits[0].contiguous();
+      at::Tensor row = logits[0].to(at::kCPU).contiguous();  // the sampler reads host memory
       const int32_t next = sampler.Next(row.data_ptr<float>(), row.numel());
       if (step == 0) result.timings.first_token = Seconds(t0, Clock::now());
       if (std::find(eos.begin(), eos.end(), next) != eos.end()) {
@@ -290,20 +298,17 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
         const size_t ready = result.finish_reason == FinishReason::kStopString
                                  ? text.size()
                                  : text.size() - StopHoldback(text, request.stop);
-        if (ready > streamed) {
-          if (!on_text(std::string_view(text).substr(streamed, ready - streamed))) {
-            streamed = ready;
-            result.finish_reason = FinishReason::kCancelled;
-            break;
-          }
-          streamed = ready;
+        if (ready > streamed && !emit(ready)) {
+          result.finish_reason = FinishReason::kCancelled;
+          break;
         }
       }
       if (result.finish_reason == FinishReason::kStopString) break;
     }
     if (result.finish_reason == FinishReason::kEos) text += decoder.Flush();
-    if (on_text && result.finish_reason != FinishReason::kCancelled && text.size() > streamed)
-      on_text(std::string_view(text).substr(streamed));
+    if (on_text && result.finish_reason != FinishReason::kCancelled &&
+        (text.size() > streamed || ids_streamed < result.token_ids.size()))
+      emit(text.size());
     result.text = std::move(text);
     result.usage.generated_tokens = static_cast<int64_t>(result.token_ids.size());
     int64_t entries = 0;

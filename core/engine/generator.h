@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -83,9 +84,10 @@ struct GenerateResult {
   CompressionReport compression;
 };
 
-// Receives text as it is completed (never half a UTF-8 character, never part of a stop string);
-// return false to cancel the request.
-using TextCallback = std::function<bool(std::string_view text)>;
+// Receives text as it is completed (never half a UTF-8 character, never part of a stop string)
+// with the ids generated since the previous call (their concatenation over all calls is
+// GenerateResult::token_ids); return false to cancel the request.
+using TextCallback = std::function<bool(std::string_view text, std::span<const int32_t> ids)>;
 // Polled between prefill chunks and between decode steps; true stops the request with
 // FinishReason::kCancelled (its memory is freed when Generate returns).
 using CancelCheck = std::function<bool()>;

@@ -78,12 +78,15 @@ TEST_F(Stories, BosOnlyPromptEqualsGolden) {
 TEST_F(Stories, StreamedPiecesConcatenateToTheAnswer) {
   std::string streamed;
   int pieces = 0;
-  GenerateResult r = Run(Raw("Once upon a time", 40), [&](std::string_view s) {
+  std::vector<int32_t> ids;
+  GenerateResult r = Run(Raw("Once upon a time", 40), [&](std::string_view s, std::span<const int32_t> new_ids) {
     streamed += s;
+    ids.insert(ids.end(), new_ids.begin(), new_ids.end());
     ++pieces;
     return true;
   });
   EXPECT_EQ(streamed, r.text);
+  EXPECT_EQ(ids, r.token_ids);
   EXPECT_GT(pieces, 10);
 }
 
@@ -91,7 +94,7 @@ TEST_F(Stories, StopStringEndsTheAnswerBeforeIt) {
   GenerateRequest req = Raw("Once upon a time", 80);
   req.stop = {"Lily"};
   std::string streamed;
-  GenerateResult r = Run(req, [&](std::string_view s) { streamed += s; return true; });
+  GenerateResult r = Run(req, [&](std::string_view s, std::span<const int32_t>) { streamed += s; return true; });
   EXPECT_EQ(r.finish_reason, FinishReason::kStopString);
   EXPECT_EQ(r.text, ", there was a little girl named ");
   EXPECT_EQ(streamed, r.text);  // the partial "Li" was never streamed
@@ -99,7 +102,7 @@ TEST_F(Stories, StopStringEndsTheAnswerBeforeIt) {
 
 TEST_F(Stories, CancelFromTheCallbackStops) {
   int calls = 0;
-  GenerateResult r = Run(Raw("Once upon a time", 80), [&](std::string_view) { return ++calls < 3; });
+  GenerateResult r = Run(Raw("Once upon a time", 80), [&](std::string_view, std::span<const int32_t>) { return ++calls < 3; });
   EXPECT_EQ(r.finish_reason, FinishReason::kCancelled);
   EXPECT_EQ(calls, 3);
   EXPECT_LT(r.usage.generated_tokens, 80);

@@ -1,0 +1,179 @@
+// defkv-server: loads one model and serves defkv.v1.DefKV over gRPC, with grpc.health.v1,
+// server reflection and Prometheus metrics. Lifecycle: listen (health NOT_SERVING) -> load the
+// model -> SERVING -> on SIGTERM/SIGINT drain (NOT_SERVING, refuse new work, let admitted work
+// finish within --drain_grace_seconds) -> exit 0.
+#include <csignal>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "prometheus/exposer.h"
+#include "server/engine_loop.h"
+#include "server/logging.h"
+#include "server/metrics.h"
+#include "server/parse_error_interceptor.h"
+#include "server/service.h"
+
+ABSL_FLAG(std::string, model, "models/stories260K", "model directory (config.json, *.safetensors, tokenizer files)");
+ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on for gRPC and /metrics (0.0.0.0: all interfaces)");
+ABSL_FLAG(int, port, 50051, "gRPC port (0: any free port, logged at startup)");
+ABSL_FLAG(int, metrics_port, 9464, "Prometheus /metrics port (0: any free port; -1: no metrics endpoint)");
+ABSL_FLAG(std::string, device, "cpu", "device: cpu, cuda or cuda:N");
+ABSL_FLAG(std::string, dtype, "auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16, float16");
+ABSL_FLAG(int, threads, 0, "CPU intra-op threads (0: all cores)");
+ABSL_FLAG(int, prefill_chunk, 512, "context tokens per prefill step");
+ABSL_FLAG(int, max_queue, 64, "requests allowed to wait for the engine; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, max_context_tokens, 0,
+          "largest prompt (context + question tokens) accepted; 0: the model's context length");
+ABSL_FLAG(int, max_new_tokens_limit, 1024, "largest max_new_tokens a request may ask for");
+ABSL_FLAG(int, default_max_new_tokens, 128, "max_new_tokens of requests that leave it unset");
+ABSL_FLAG(int, max_receive_message_bytes, 16 << 20,
+          "largest request message accepted; larger ones get RESOURCE_EXHAUSTED");
+ABSL_FLAG(double, drain_grace_seconds, 30, "on SIGTERM, how long admitted requests may run before they are cancelled");
+ABSL_FLAG(std::string, log_format, "text", "text or json (one JSON object per line)");
+ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error, critical or off");
+
+#ifndef DEFKV_VERSION
+#define DEFKV_VERSION "unknown"
+#endif
+
+namespace defkv::server {
+namespace {
+
+using spdlog::level::err;
+using spdlog::level::info;
+
+void SetHealth(grpc::Server& server, bool serving) {
+  auto* health = server.GetHealthCheckService();
+  if (!health) return;
+  // The overall status ("") and our service's own name, which readiness probes may ask for.
+  health->SetServingStatus(serving);
+  health->SetServingStatus(defkv::v1::DefKV::service_full_name(), serving);
+}
+
+int Run() {
+  // Signals are taken synchronously by sigwait below; block them before any thread starts so
+  // every thread inherits the mask.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const auto started = Clock::now();
+  engine::EngineOptions engine_options;
+  engine_options.model_dir = absl::GetFlag(FLAGS_model);
+  engine_options.device = absl::GetFlag(FLAGS_device);
+  engine_options.dtype = absl::GetFlag(FLAGS_dtype);
+  engine_options.threads = absl::GetFlag(FLAGS_threads);
+  engine_options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  const std::string host = absl::GetFlag(FLAGS_host);
+
+  Metrics metrics(BuildInfo{DEFKV_VERSION, grpc::Version(), engine_options.model_dir, engine_options.device,
+                            engine_options.dtype});
+  std::unique_ptr<prometheus::Exposer> exposer;
+  if (const int mp = absl::GetFlag(FLAGS_metrics_port); mp >= 0) {
+    try {
+      exposer = std::make_unique<prometheus::Exposer>(absl::StrCat(host, ":", mp));
+    } catch (const std::exception& e) {
+      LogEvent(err, "cannot serve /metrics", {{"address", absl::StrCat(host, ":", mp)}, {"error", e.what()}});
+      return 1;
+    }
+    exposer->RegisterCollectable(metrics.registry());
+    const auto ports = exposer->GetListeningPorts();
+    LogEvent(info, "metrics listening", {{"url", absl::StrCat("http://", host, ":", ports.empty() ? mp : ports[0], "/metrics")}});
+  }
+
+  EngineLimits limits;
+  limits.max_queue = absl::GetFlag(FLAGS_max_queue);
+  limits.max_context_tokens = absl::GetFlag(FLAGS_max_context_tokens);
+  EngineLoop engine(engine_options, limits, metrics);
+  ServiceOptions service_options;
+  service_options.max_new_tokens_limit = absl::GetFlag(FLAGS_max_new_tokens_limit);
+  service_options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
+  service_options.version = DEFKV_VERSION;
+  DefKVService service(engine, metrics, service_options);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  const std::string address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_receive_message_bytes));
+  builder.RegisterService(&service);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(MakeParseErrorInterceptorFactory(metrics));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    LogEvent(err, "cannot listen", {{"address", address}});
+    return 1;
+  }
+  SetHealth(*server, false);  // reachable while the model loads, but not ready
+  LogEvent(info, "grpc listening", {{"address", absl::StrCat(host, ":", port)}, {"version", DEFKV_VERSION}});
+
+  LogEvent(info, "loading model", {{"model", engine_options.model_dir}, {"device", engine_options.device},
+                                   {"dtype", engine_options.dtype}});
+  if (auto s = engine.Start(); !s.ok()) {
+    LogEvent(err, "model failed to load", {{"model", engine_options.model_dir}, {"error", std::string(s.message())}});
+    server->Shutdown();
+    return 1;
+  }
+  const auto& mi = engine.info();
+  LogEvent(info, "model loaded",
+           {{"model", mi.model_dir}, {"type", mi.model_type}, {"layers", mi.num_layers}, {"kv_heads", mi.num_kv_heads},
+            {"device", mi.device}, {"dtype", mi.dtype}, {"weight_bytes", mi.weight_bytes},
+            {"load_s", mi.load_seconds}, {"max_context_tokens", engine.max_context_tokens()}});
+  SetHealth(*server, true);
+  LogEvent(info, "serving", {{"address", absl::StrCat(host, ":", port)},
+                             {"startup_s", SecondsBetween(started, Clock::now())}});
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  const double grace = absl::GetFlag(FLAGS_drain_grace_seconds);
+  LogEvent(info, "draining", {{"signal", signal == SIGTERM ? "SIGTERM" : "SIGINT"}, {"grace_s", grace}});
+  SetHealth(*server, false);
+  engine.StopAccepting();
+  const bool drained = engine.WaitIdle(Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                          std::chrono::duration<double>(grace)));
+  if (!drained) LogEvent(spdlog::level::warn, "grace period over; cancelling the requests still admitted");
+  engine.Stop();  // fails what is left, so every reactor gets its Finish before the server stops
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  server->Wait();
+  LogEvent(info, "stopped", {{"drained", drained}});
+  return 0;
+}
+
+}  // namespace
+}  // namespace defkv::server
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "serves one model over gRPC (defkv.v1.DefKV) with KV-cache compression.\n"
+      "  defkv-server --model models/stories260K --port 50051 --metrics_port 9464");
+  // --help lists the flags of this file (absl's default only matches files named after the binary).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) { return absl::EndsWith(file, "server/main.cpp"); };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  usage.version_string = [] { return std::string("defkv-server " DEFKV_VERSION "\n"); };
+  absl::SetFlagsUsageConfig(usage);
+  absl::ParseCommandLine(argc, argv);
+  if (auto s = defkv::server::SetupLogging(absl::GetFlag(FLAGS_log_format), absl::GetFlag(FLAGS_log_level)); !s.ok()) {
+    std::fprintf(stderr, "defkv-server: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  return defkv::server::Run();
+}
