@@ -5,6 +5,7 @@ namespace defkv::kernels {
 #ifndef DEFKV_WITH_CUDA
 bool BuiltWithCuda() { return false; }
 std::vector<CudaDevice> ListCudaDevices() { return {}; }
+void SynchronizeDevice() {}
 #else
 bool BuiltWithCuda() { return true; }
 #endif

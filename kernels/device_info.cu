@@ -21,4 +21,8 @@ std::vector<CudaDevice> ListCudaDevices() {
   return out;
 }
 
+void SynchronizeDevice() {
+  if (cudaDeviceSynchronize() != cudaSuccess) cudaGetLastError();
+}
+
 }  // namespace defkv::kernels

@@ -17,5 +17,7 @@ struct CudaDevice {
 bool BuiltWithCuda();
 // Empty when the build has no CUDA or the machine has no usable GPU.
 std::vector<CudaDevice> ListCudaDevices();
+// Waits for all queued GPU work (timing boundaries); nothing without CUDA.
+void SynchronizeDevice();
 
 }  // namespace defkv::kernels

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <numeric>
 
+#include <ATen/ops/_flash_attention_forward.h>
+
 namespace defkv::cache {
 
 at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
@@ -62,6 +64,7 @@ void HeadwiseCache::Relayout(int64_t layer, const std::vector<int64_t>& cap) {
   L.v = v;
   L.offset = offset;
   L.capacity = cap;
+  L.meta_stale = true;
   L.uniform = std::all_of(cap.begin(), cap.end(), [&](int64_t c) { return c == cap[0]; }) &&
               std::all_of(L.length.begin(), L.length.end(), [&](int64_t n) { return n == L.length[0]; });
 }
@@ -78,19 +81,48 @@ at::Tensor HeadwiseCache::AppendAndAttend(int64_t layer, const at::Tensor& q, co
       if (L.length[h] + t > cap[h]) cap[h] = std::max(L.length[h] + t, 2 * cap[h]);
     Relayout(layer, cap);
   }
+  const bool flash = device_.is_cuda() && (dtype_ == at::kBFloat16 || dtype_ == at::kHalf);
   if (L.uniform) {
     const int64_t cap = L.capacity[0], len = L.length[0];
     L.k.view({num_kv_heads_, cap, head_dim_}).narrow(1, len, t).copy_(k);
     L.v.view({num_kv_heads_, cap, head_dim_}).narrow(1, len, t).copy_(v);
     for (auto& n : L.length) n += t;
-    return CausalAttention(q, keys(layer), values(layer), scale);
+    return flash ? AttendFlash(L, q, t, scale) : CausalAttention(q, keys(layer), values(layer), scale);
   }
   for (int64_t h = 0; h < num_kv_heads_; ++h) {
     L.k.narrow(0, L.offset[h] + L.length[h], t).copy_(k[h]);
     L.v.narrow(0, L.offset[h] + L.length[h], t).copy_(v[h]);
     L.length[h] += t;
   }
-  return AttendSegments(L, q, t, scale);
+  return flash ? AttendFlash(L, q, t, scale) : AttendSegments(L, q, t, scale);
+}
+
+at::Tensor HeadwiseCache::AttendFlash(Layer& L, const at::Tensor& q, int64_t t, double scale) {
+  const int64_t heads = num_kv_heads_, group = q.size(0) / heads, d = head_dim_;
+  // [H_q, T, D] -> [H * T, G, D]: sequence h holds its T queries, each with G heads.
+  at::Tensor qp = q.view({heads, group, t, d}).permute({0, 2, 1, 3}).reshape({heads * t, group, d});
+  auto i32 = at::TensorOptions().dtype(at::kInt);
+  if (L.meta_stale) {
+    std::vector<int32_t> cu_k(heads + 1), used(heads);
+    for (int64_t h = 0; h < heads; ++h) {
+      cu_k[h] = static_cast<int32_t>(L.offset[h]);
+      used[h] = static_cast<int32_t>(L.length[h]);
+    }
+    cu_k[heads] = static_cast<int32_t>(L.k.size(0));
+    L.cu_k = at::tensor(cu_k, i32).to(device_);
+    L.used = at::tensor(used, i32).to(device_);
+    L.meta_stale = false;
+  } else {
+    L.used.add_(t);  // the chunk was just appended to every segment
+  }
+  auto cu_q = cu_q_.find(t);
+  if (cu_q == cu_q_.end()) cu_q = cu_q_.emplace(t, (at::arange(0, heads + 1, i32) * t).to(device_)).first;
+  const int64_t max_k = *std::max_element(L.length.begin(), L.length.end());
+  // Causal masks align bottom-right: query i of a chunk sees everything before the chunk.
+  auto out = at::_flash_attention_forward(qp, L.k.view({-1, 1, d}), L.v.view({-1, 1, d}), cu_q->second, L.cu_k, t,
+                                          max_k, /*dropout_p=*/0.0, /*is_causal=*/t > 1,
+                                          /*return_debug_mask=*/false, scale, std::nullopt, std::nullopt, L.used);
+  return std::get<0>(out).view({heads, t, group, d}).permute({0, 2, 1, 3}).reshape({heads * group, t, d});
 }
 
 at::Tensor HeadwiseCache::AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const {
@@ -136,6 +168,7 @@ void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, 
   }
   L.length = new_len;
   L.capacity = cap;
+  L.meta_stale = true;
   L.uniform = std::all_of(cap.begin(), cap.end(), [&](int64_t c) { return c == cap[0]; }) &&
               std::all_of(new_len.begin(), new_len.end(), [&](int64_t n) { return n == new_len[0]; });
 }

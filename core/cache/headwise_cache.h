@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <vector>
 
 #include "core/cache/kv_cache.h"
@@ -50,15 +51,24 @@ class HeadwiseCache final : public KvCache {
     at::Tensor k, v;  // [rows, D]
     std::vector<int64_t> offset, length, capacity;
     bool uniform = true;
+    // Flash metadata on the device: segment starts (cu_seqlens_k) and lengths (seqused_k).
+    // Rebuilt from the host after a re-layout; otherwise lengths grow on the device, so a
+    // decode step copies nothing from the host.
+    at::Tensor cu_k, used;
+    bool meta_stale = true;
   };
   // Re-lays `layer` out with capacities `cap` (each >= its length), copying the entries.
   void Relayout(int64_t layer, const std::vector<int64_t>& cap);
   at::Tensor AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const;
+  // CUDA, fp16/bf16: one flash-attention varlen call over all segments (each kv head is a
+  // "sequence" whose G query heads attend to it; seqused_k skips the unused capacity).
+  at::Tensor AttendFlash(Layer& L, const at::Tensor& q, int64_t t, double scale);
 
   int64_t num_kv_heads_, head_dim_;
   at::ScalarType dtype_;
   at::Device device_;
   std::vector<Layer> layers_;
+  std::map<int64_t, at::Tensor> cu_q_;  // device cu_seqlens_q for chunks of t queries per head
 };
 
 }  // namespace defkv::cache

@@ -2,10 +2,18 @@
 
 #include <chrono>
 
+#include "kernels/device_info.h"
+
 namespace defkv::engine {
 namespace {
 using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+// GPU work runs asynchronously: stages are timed between device synchronisations, so queued
+// prefill work is not billed to compression.
+Clock::time_point Mark(const at::Device& d) {
+  if (d.is_cuda()) kernels::SynchronizeDevice();
+  return Clock::now();
+}
+double Since(const at::Device& d, Clock::time_point t) { return std::chrono::duration<double>(Mark(d) - t).count(); }
 }  // namespace
 
 Compressor::Compressor(const model::Transformer& model, cache::HeadwiseCache& cache, press::Press& press, double ratio,
@@ -37,24 +45,27 @@ void Compressor::AfterAttention(int64_t layer, const at::Tensor& x_norm) {
   in.values = cache_.values(layer);
   in.hidden = hidden_[layer];
   in.compression_ratio = ratio_;
-  const auto t = Clock::now();
+  const at::Device dev = model_.device();
+  const auto t = Mark(dev);
   std::optional<press::HeadSelection> sel = press_.CompressLayer(in);
-  scoring_s_ += Since(t);
+  scoring_s_ += Since(dev, t);
   hidden_[layer] = at::Tensor();
   if (sel) Apply(layer, *sel);
 }
 
 void Compressor::Finish() {
-  const auto t = Clock::now();
+  const at::Device dev = model_.device();
+  const auto t = Mark(dev);
   std::vector<press::HeadSelection> all = press_.Finish();
-  scoring_s_ += Since(t);
+  scoring_s_ += Since(dev, t);
   for (size_t l = 0; l < all.size(); ++l) Apply(static_cast<int64_t>(l), all[l]);
 }
 
 void Compressor::Apply(int64_t layer, const press::HeadSelection& sel) {
-  const auto t = Clock::now();
+  const at::Device dev = model_.device();
+  const auto t = Mark(dev);
   cache_.Compact(layer, sel, extra_);
-  compaction_s_ += Since(t);
+  compaction_s_ += Since(dev, t);
   for (size_t h = 0; h < sel.size(); ++h) {
     kept_[layer][h] = sel[h].numel();
     if (keep_positions_) {

@@ -90,59 +90,81 @@ absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const std::string
     return absl::InvalidArgumentError("float16 is not supported on CPU (use float32 or bfloat16)");
 
   std::unique_ptr<Transformer> m(new Transformer(*cfg, opts.device, dtype));
-  const ModelConfig& c = m->config_;
+  WeightLoader w(*store, opts, dtype);
+  auto s = m->Build([&](const std::string& name, std::vector<int64_t> shape, bool present) {
+    return w.GetIf(present, name, std::move(shape));
+  });
+  if (!s.ok()) return s;
+  return m;
+}
+
+absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Random(const ModelConfig& cfg, const LoadOptions& opts,
+                                                                 uint64_t seed) {
+  const at::ScalarType dtype = opts.dtype == at::ScalarType::Undefined ? at::kBFloat16 : opts.dtype;
+  std::unique_ptr<Transformer> m(new Transformer(cfg, opts.device, dtype));
+  at::manual_seed(seed);
+  auto to = at::TensorOptions().dtype(dtype).device(opts.device);
+  auto s = m->Build([&](const std::string& name, std::vector<int64_t> shape, bool present) -> absl::StatusOr<at::Tensor> {
+    if (!present) return at::Tensor();
+    if (name.find("norm") != std::string::npos) return at::ones(shape, to);
+    return at::randn(shape, to) * 0.02;
+  });
+  if (!s.ok()) return s;
+  return m;
+}
+
+absl::Status Transformer::Build(const WeightSource& get) {
+  const ModelConfig& c = config_;
   const int64_t hd = c.hidden_size, d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
   const int64_t inter = c.intermediate_size;
-  WeightLoader w(*store, opts, dtype);
-
-  DEFKV_TRY(m->embed_, w.Get("model.embed_tokens.weight", {c.vocab_size, hd}));
-  DEFKV_TRY(m->final_norm_, w.Get("model.norm.weight", {hd}));
+  DEFKV_TRY(embed_, get("model.embed_tokens.weight", {c.vocab_size, hd}, true));
+  DEFKV_TRY(final_norm_, get("model.norm.weight", {hd}, true));
   if (c.tie_word_embeddings) {
-    m->lm_head_ = m->embed_;
+    lm_head_ = embed_;
   } else {
-    DEFKV_TRY(m->lm_head_, w.Get("lm_head.weight", {c.vocab_size, hd}));
+    DEFKV_TRY(lm_head_, get("lm_head.weight", {c.vocab_size, hd}, true));
   }
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     LayerWeights L;
     at::Tensor q, k, v, bq, bk, bv, gate, up, bgate, bup;
-    DEFKV_TRY(L.input_norm, w.Get(p + "input_layernorm.weight", {hd}));
-    DEFKV_TRY(L.post_norm, w.Get(p + "post_attention_layernorm.weight", {hd}));
-    DEFKV_TRY(q, w.Get(p + "self_attn.q_proj.weight", {hq * d, hd}));
-    DEFKV_TRY(k, w.Get(p + "self_attn.k_proj.weight", {hkv * d, hd}));
-    DEFKV_TRY(v, w.Get(p + "self_attn.v_proj.weight", {hkv * d, hd}));
-    DEFKV_TRY(bq, w.GetIf(c.qkv_bias, p + "self_attn.q_proj.bias", {hq * d}));
-    DEFKV_TRY(bk, w.GetIf(c.qkv_bias, p + "self_attn.k_proj.bias", {hkv * d}));
-    DEFKV_TRY(bv, w.GetIf(c.qkv_bias, p + "self_attn.v_proj.bias", {hkv * d}));
-    DEFKV_TRY(L.q_norm, w.GetIf(c.qk_norm, p + "self_attn.q_norm.weight", {d}));
-    DEFKV_TRY(L.k_norm, w.GetIf(c.qk_norm, p + "self_attn.k_norm.weight", {d}));
-    DEFKV_TRY(L.w_o, w.Get(p + "self_attn.o_proj.weight", {hd, hq * d}));
-    DEFKV_TRY(L.b_o, w.GetIf(c.o_bias, p + "self_attn.o_proj.bias", {hd}));
-    DEFKV_TRY(gate, w.Get(p + "mlp.gate_proj.weight", {inter, hd}));
-    DEFKV_TRY(up, w.Get(p + "mlp.up_proj.weight", {inter, hd}));
-    DEFKV_TRY(L.w_down, w.Get(p + "mlp.down_proj.weight", {hd, inter}));
-    DEFKV_TRY(bgate, w.GetIf(c.mlp_bias, p + "mlp.gate_proj.bias", {inter}));
-    DEFKV_TRY(bup, w.GetIf(c.mlp_bias, p + "mlp.up_proj.bias", {inter}));
-    DEFKV_TRY(L.b_down, w.GetIf(c.mlp_bias, p + "mlp.down_proj.bias", {hd}));
+    DEFKV_TRY(L.input_norm, get(p + "input_layernorm.weight", {hd}, true));
+    DEFKV_TRY(L.post_norm, get(p + "post_attention_layernorm.weight", {hd}, true));
+    DEFKV_TRY(q, get(p + "self_attn.q_proj.weight", {hq * d, hd}, true));
+    DEFKV_TRY(k, get(p + "self_attn.k_proj.weight", {hkv * d, hd}, true));
+    DEFKV_TRY(v, get(p + "self_attn.v_proj.weight", {hkv * d, hd}, true));
+    DEFKV_TRY(bq, get(p + "self_attn.q_proj.bias", {hq * d}, c.qkv_bias));
+    DEFKV_TRY(bk, get(p + "self_attn.k_proj.bias", {hkv * d}, c.qkv_bias));
+    DEFKV_TRY(bv, get(p + "self_attn.v_proj.bias", {hkv * d}, c.qkv_bias));
+    DEFKV_TRY(L.q_norm, get(p + "self_attn.q_norm.weight", {d}, c.qk_norm));
+    DEFKV_TRY(L.k_norm, get(p + "self_attn.k_norm.weight", {d}, c.qk_norm));
+    DEFKV_TRY(L.w_o, get(p + "self_attn.o_proj.weight", {hd, hq * d}, true));
+    DEFKV_TRY(L.b_o, get(p + "self_attn.o_proj.bias", {hd}, c.o_bias));
+    DEFKV_TRY(gate, get(p + "mlp.gate_proj.weight", {inter, hd}, true));
+    DEFKV_TRY(up, get(p + "mlp.up_proj.weight", {inter, hd}, true));
+    DEFKV_TRY(L.w_down, get(p + "mlp.down_proj.weight", {hd, inter}, true));
+    DEFKV_TRY(bgate, get(p + "mlp.gate_proj.bias", {inter}, c.mlp_bias));
+    DEFKV_TRY(bup, get(p + "mlp.up_proj.bias", {inter}, c.mlp_bias));
+    DEFKV_TRY(L.b_down, get(p + "mlp.down_proj.bias", {hd}, c.mlp_bias));
     // Fused projections: one GEMM for q/k/v and one for gate/up per layer.
     L.w_qkv = at::cat({q, k, v}, 0);
     if (c.qkv_bias) L.b_qkv = at::cat({bq, bk, bv}, 0);
     L.w_gate_up = at::cat({gate, up}, 0);
     if (c.mlp_bias) L.b_gate_up = at::cat({bgate, bup}, 0);
-    m->layers_.push_back(std::move(L));
+    layers_.push_back(std::move(L));
   }
-  m->weight_bytes_ = 0;
+  weight_bytes_ = 0;
   auto count = [&](const at::Tensor& t) {
-    if (t.defined()) m->weight_bytes_ += t.numel() * t.element_size();
+    if (t.defined()) weight_bytes_ += t.numel() * t.element_size();
   };
-  count(m->embed_);
-  count(m->final_norm_);
-  if (!c.tie_word_embeddings) count(m->lm_head_);
-  for (const auto& L : m->layers_)
-    for (const auto* t : {&L.input_norm, &L.post_norm, &L.w_qkv, &L.b_qkv, &L.q_norm, &L.k_norm, &L.w_o,
-                          &L.b_o, &L.w_gate_up, &L.b_gate_up, &L.w_down, &L.b_down})
+  count(embed_);
+  count(final_norm_);
+  if (!c.tie_word_embeddings) count(lm_head_);
+  for (const auto& L : layers_)
+    for (const auto* t : {&L.input_norm, &L.post_norm, &L.w_qkv, &L.b_qkv, &L.q_norm, &L.k_norm, &L.w_o, &L.b_o,
+                          &L.w_gate_up, &L.b_gate_up, &L.w_down, &L.b_down})
       count(*t);
-  return m;
+  return absl::OkStatus();
 }
 
 std::unique_ptr<cache::HeadwiseCache> Transformer::NewCache() const {

@@ -51,6 +51,10 @@ class LayerHook {
 class Transformer {
  public:
   static absl::StatusOr<std::unique_ptr<Transformer>> Load(const std::string& dir, const LoadOptions& opts);
+  // Random weights (N(0, 0.02), norms 1) of the shapes `cfg` describes, made on the device:
+  // benchmarks of real model shapes without checkpoints.
+  static absl::StatusOr<std::unique_ptr<Transformer>> Random(const ModelConfig& cfg, const LoadOptions& opts,
+                                                             uint64_t seed);
 
   // Runs ids [T] (int64) at absolute positions [T] through every layer, writing K/V into
   // `cache`. Returns fp32 logits [T, vocab] when all_logits, else [1, vocab] for the last token.
@@ -71,6 +75,9 @@ class Transformer {
 
  private:
   Transformer(ModelConfig cfg, at::Device device, at::ScalarType dtype);
+  // Fills the weights from `get(name, shape)` (an undefined tensor for absent optional ones).
+  using WeightSource = std::function<absl::StatusOr<at::Tensor>(const std::string&, std::vector<int64_t>, bool)>;
+  absl::Status Build(const WeightSource& get);
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w) const;
 
   ModelConfig config_;

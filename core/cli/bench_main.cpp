@@ -1,0 +1,253 @@
+// defkv-bench: in-process benchmark of prefill, compression and decode on random-weight models
+// of real shapes (no checkpoint, no tokenizer, no gRPC). Prints one row per run; --json for
+// machines. The decode roofline ratio is the measured step time over the time to read the
+// weights and the KV cache once at the copy bandwidth measured in the same run.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#ifdef DEFKV_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include "core/engine/compressor.h"
+#include "core/model/config.h"
+#include "core/model/transformer.h"
+#include "core/press/registry.h"
+#include "kernels/device_info.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using defkv::model::ModelConfig;
+
+constexpr const char* kUsage = R"(defkv-bench: prefill / compression / decode timings on random-weight models.
+
+usage: defkv-bench [options]
+  --shapes LIST        model shapes: llama3.1-8b, qwen2.5-7b, tiny (default llama3.1-8b)
+  --contexts LIST      context lengths in tokens (default 4096,16384,32768,131072)
+  --ratios LIST        compression ratios (default 0,0.5,0.8); ratio 0 runs press none only
+  --presses LIST       presses for ratios > 0 (default snapkv,adakv,defensivekv,layer_defensivekv)
+  --decode-steps N     timed decode steps at batch 1 (default 32)
+  --prefill-chunk N    context tokens per prefill step (default 8192)
+  --device D           cuda (default) or cpu
+  --dtype T            bfloat16 (default), float16, float32
+  --json               one JSON object per run instead of the table
+LISTs are comma-separated.
+)";
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+ModelConfig Shape(const std::string& name) {
+  ModelConfig c;
+  c.model_type = "llama";
+  if (name == "llama3.1-8b") {
+    c.vocab_size = 128256, c.hidden_size = 4096, c.intermediate_size = 14336, c.num_layers = 32;
+    c.num_heads = 32, c.num_kv_heads = 8, c.head_dim = 128, c.max_position_embeddings = 131072;
+    c.rope = {defkv::model::RopeType::kLlama3, 500000.0, 8.0, 1.0, 4.0, 8192};
+  } else if (name == "qwen2.5-7b") {
+    c.model_type = "qwen2";
+    c.vocab_size = 152064, c.hidden_size = 3584, c.intermediate_size = 18944, c.num_layers = 28;
+    c.num_heads = 28, c.num_kv_heads = 4, c.head_dim = 128, c.max_position_embeddings = 131072;
+    c.rope.theta = 1000000.0;
+    c.qkv_bias = true;
+  } else if (name == "tiny") {
+    c.vocab_size = 512, c.hidden_size = 128, c.intermediate_size = 256, c.num_layers = 2;
+    c.num_heads = 8, c.num_kv_heads = 2, c.head_dim = 16, c.max_position_embeddings = 1 << 20;
+  } else {
+    std::fprintf(stderr, "defkv-bench: unknown shape %s\n", name.c_str());
+    std::exit(2);
+  }
+  c.rms_norm_eps = 1e-5;
+  return c;
+}
+
+void Sync(const at::Device& d) {
+  if (d.is_cuda()) defkv::kernels::SynchronizeDevice();
+}
+
+void ResetPeak(const at::Device& d) {
+#ifdef DEFKV_WITH_CUDA
+  if (d.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(d.index() < 0 ? 0 : d.index());
+#endif
+}
+
+int64_t PeakBytes(const at::Device& d) {
+#ifdef DEFKV_WITH_CUDA
+  if (d.is_cuda()) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(d.index() < 0 ? 0 : d.index());
+    return stats.allocated_bytes[0].peak;  // aggregate pool
+  }
+#endif
+  return -1;
+}
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// Bytes read + written per second by a device-to-device copy of 2 GiB (best of 5).
+double CopyBandwidth(const at::Device& d) {
+  auto src = at::empty({int64_t{1} << 30}, at::TensorOptions().dtype(at::kShort).device(d));
+  auto dst = at::empty_like(src);
+  double best = 1e30;
+  for (int i = 0; i < 6; ++i) {
+    Sync(d);
+    auto t = Clock::now();
+    dst.copy_(src);
+    Sync(d);
+    if (i > 0) best = std::min(best, Seconds(t, Clock::now()));
+  }
+  return 2.0 * src.numel() * 2 / best;
+}
+
+struct Row {
+  std::string shape, press;
+  int64_t context = 0;
+  double ratio = 0, prefill_s = 0, compression_s = 0, ttft_s = 0, decode_ms = 0;
+  int64_t kv_bytes = 0, peak_bytes = 0;
+  double roofline = 0;
+};
+
+Row RunOne(const defkv::model::Transformer& m, const std::string& shape, int64_t ctx, const std::string& press_name,
+           double ratio, int steps, int64_t chunk, double bw) {
+  Row r{shape, press_name, ctx, ratio};
+  const at::Device dev = m.device();
+  const auto& cfg = m.config();
+  at::InferenceMode guard;
+  ResetPeak(dev);
+  auto cache = m.NewCache();
+  cache->Reserve(ctx + steps + 1);
+  auto press = defkv::press::MakePress(press_name, {});
+  if (!press.ok()) {
+    std::fprintf(stderr, "defkv-bench: %s\n", std::string(press.status().message()).c_str());
+    std::exit(2);
+  }
+  std::unique_ptr<defkv::engine::Compressor> comp;
+  if (*press && ratio > 0) comp = std::make_unique<defkv::engine::Compressor>(m, *cache, **press, ratio, ctx, steps + 1);
+  auto lopts = at::TensorOptions().dtype(at::kLong).device(dev);
+  at::Tensor ids = at::randint(0, cfg.vocab_size, {ctx}, lopts);
+
+  Sync(dev);
+  const auto t0 = Clock::now();
+  at::Tensor logits;
+  for (int64_t b = 0; b < ctx; b += chunk) {
+    const int64_t n = std::min(chunk, ctx - b);
+    if (comp) comp->set_last_chunk(b + n == ctx);
+    logits = m.Forward(ids.narrow(0, b, n), at::arange(b, b + n, lopts), *cache, false, comp.get());
+  }
+  if (comp) comp->Finish();
+  at::Tensor next = logits[0].argmax().view({1});
+  Sync(dev);
+  const auto t1 = Clock::now();
+  r.compression_s = comp ? comp->scoring_seconds() + comp->compaction_seconds() : 0;
+  r.prefill_s = Seconds(t0, t1) - r.compression_s;
+  r.ttft_s = Seconds(t0, t1);
+  r.kv_bytes = cache->bytes_used();
+
+  // One untimed step (allocator warm-up), then the timed ones.
+  int64_t pos = ctx;
+  logits = m.Forward(next, at::full({1}, pos++, lopts), *cache);
+  next = logits[0].argmax().view({1});
+  Sync(dev);
+  const auto t2 = Clock::now();
+  for (int i = 0; i < steps; ++i) {
+    logits = m.Forward(next, at::full({1}, pos++, lopts), *cache);
+    next = logits[0].argmax().view({1});
+  }
+  Sync(dev);
+  r.decode_ms = 1e3 * Seconds(t2, Clock::now()) / steps;
+  r.peak_bytes = PeakBytes(dev);
+  const double bytes_read = static_cast<double>(m.weight_bytes()) + static_cast<double>(cache->bytes_used());
+  r.roofline = bw > 0 ? (r.decode_ms / 1e3) / (bytes_read / bw) : 0;
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> a = {{"--shapes", "llama3.1-8b"},
+                                          {"--contexts", "4096,16384,32768,131072"},
+                                          {"--ratios", "0,0.5,0.8"},
+                                          {"--presses", "snapkv,adakv,defensivekv,layer_defensivekv"},
+                                          {"--decode-steps", "32"},
+                                          {"--prefill-chunk", "8192"},
+                                          {"--device", "cuda"},
+                                          {"--dtype", "bfloat16"}};
+  bool json = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    if (k == "-h" || k == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (k == "--json") {
+      json = true;
+      continue;
+    }
+    if (!a.count(k) || i + 1 >= argc) {
+      std::fprintf(stderr, "defkv-bench: bad option %s (see --help)\n", k.c_str());
+      return 2;
+    }
+    a[k] = argv[++i];
+  }
+  at::Device dev(a["--device"]);
+  const at::ScalarType dtype = a["--dtype"] == "float32" ? at::kFloat : a["--dtype"] == "float16" ? at::kHalf : at::kBFloat16;
+  const int steps = std::stoi(a["--decode-steps"]);
+  const int64_t chunk = std::stoll(a["--prefill-chunk"]);
+  const double bw = dev.is_cuda() ? CopyBandwidth(dev) : 0;
+  if (!json) {
+    std::printf("device %s, copy bandwidth %.0f GB/s (read + write)\n", dev.str().c_str(), bw / 1e9);
+    std::printf("%-12s %7s %-18s %5s %10s %10s %6s %9s %10s %9s %9s %8s\n", "shape", "context", "press", "ratio",
+                "prefill_s", "compress_s", "share", "ttft_s", "decode_ms", "kv_GB", "peak_GB", "roofline");
+  }
+  for (const auto& shape : Split(a["--shapes"])) {
+    defkv::model::LoadOptions lo;
+    lo.device = dev;
+    lo.dtype = dtype;
+    auto m = defkv::model::Transformer::Random(Shape(shape), lo, 0);
+    if (!m.ok()) {
+      std::fprintf(stderr, "defkv-bench: %s\n", std::string(m.status().message()).c_str());
+      return 1;
+    }
+    // Warm-up (cuBLAS handles, flash-attention and allocator pools), not reported.
+    RunOne(**m, shape, 1024, "defensivekv", 0.5, 2, chunk, bw);
+    for (const auto& ctx_s : Split(a["--contexts"])) {
+      const int64_t ctx = std::stoll(ctx_s);
+      for (const auto& ratio_s : Split(a["--ratios"])) {
+        const double ratio = std::stod(ratio_s);
+        std::vector<std::string> presses = ratio > 0 ? Split(a["--presses"]) : std::vector<std::string>{"none"};
+        for (const auto& p : presses) {
+          Row r = RunOne(**m, shape, ctx, p, ratio, steps, chunk, bw);
+          if (json) {
+            nlohmann::json j = {{"shape", r.shape}, {"context", r.context}, {"press", r.press}, {"ratio", r.ratio},
+                                {"prefill_s", r.prefill_s}, {"compression_s", r.compression_s},
+                                {"compression_share", r.prefill_s > 0 ? r.compression_s / r.prefill_s : 0},
+                                {"ttft_s", r.ttft_s}, {"decode_ms_per_token", r.decode_ms}, {"kv_bytes", r.kv_bytes},
+                                {"peak_bytes", r.peak_bytes}, {"weight_bytes", (*m)->weight_bytes()},
+                                {"copy_bandwidth", bw}, {"roofline_ratio", r.roofline}};
+            std::printf("%s\n", j.dump().c_str());
+          } else {
+            std::printf("%-12s %7lld %-18s %5.2f %10.3f %10.3f %5.1f%% %9.3f %10.3f %9.3f %9.2f %8.2f\n", r.shape.c_str(),
+                        static_cast<long long>(r.context), r.press.c_str(), r.ratio, r.prefill_s, r.compression_s,
+                        r.prefill_s > 0 ? 100 * r.compression_s / r.prefill_s : 0.0, r.ttft_s, r.decode_ms,
+                        r.kv_bytes / 1e9, r.peak_bytes < 0 ? 0.0 : r.peak_bytes / 1e9, r.roofline);
+          }
+          std::fflush(stdout);
+        }
+      }
+    }
+  }
+  return 0;
+}
