@@ -1,6 +1,6 @@
-"""Server lifecycle and load: admission control (a full queue answers RESOURCE_EXHAUSTED),
-SIGTERM drains (NOT_SERVING, new work refused, running work finishes, exit 0), and a real
-Prometheus server scraping /metrics."""
+"""Server lifecycle and load: NOT_SERVING while the model loads, admission control (a full queue
+answers RESOURCE_EXHAUSTED), SIGTERM drains (NOT_SERVING, new work refused, running work
+finishes, exit 0), and a real Prometheus server scraping /metrics."""
 import concurrent.futures
 import json
 import os
@@ -134,3 +134,66 @@ def test_startup_failures_exit_non_zero(bin_dir, tmp_path):
                  "--max_context_tokens", "--max_new_tokens_limit", "--log_format", "--log_level",
                  "--drain_grace_seconds", "--max_receive_message_bytes"):
         assert flag in help_text, flag
+
+
+def big_model(src: "pathlib.Path", dst: "pathlib.Path"):
+    """A zero-weight Llama of ~540 MB (stories260K's tokenizer): slow enough to load that the
+    server is seen while it loads."""
+    import torch
+    from safetensors.torch import save_file
+    dst.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / f, dst / f)
+    hidden, inter, layers, vocab = 1024, 4096, 8, 512
+    cfg = dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+               rms_norm_eps=1e-5, tie_word_embeddings=True, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    w = {"model.embed_tokens.weight": torch.zeros(vocab, hidden), "model.norm.weight": torch.ones(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = torch.ones(hidden)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+        for n in ("q", "k", "v", "o"):
+            w[p + f"self_attn.{n}_proj.weight"] = torch.zeros(hidden, hidden)
+        w[p + "mlp.gate_proj.weight"] = torch.zeros(inter, hidden)
+        w[p + "mlp.up_proj.weight"] = torch.zeros(inter, hidden)
+        w[p + "mlp.down_proj.weight"] = torch.zeros(hidden, inter)
+    save_file(w, str(dst / "model.safetensors"))
+
+
+def test_not_serving_while_loading(bin_dir, model_dir, pb, tmp_path):
+    import pathlib
+    big_model(pathlib.Path(model_dir), tmp_path / "big")
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([str(bin_dir / "defkv-server"), f"--model={tmp_path / 'big'}", "--host=127.0.0.1",
+                             f"--port={port}", "--metrics_port=-1", "--threads=1"], stdout=log, stderr=subprocess.STDOUT)
+    seen, refused = set(), None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = pb.health_grpc.HealthStub(ch)
+            stub = pb.defkv_grpc.DefKVStub(ch)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    status = health.Check(pb.health.HealthCheckRequest(service="defkv.v1.DefKV"), timeout=2).status
+                except grpc.RpcError:
+                    time.sleep(0.01)  # not listening yet
+                    continue
+                seen.add(status)
+                if status == pb.health.HealthCheckResponse.NOT_SERVING and refused is None:
+                    try:
+                        stub.Generate(pb.defkv.GenerateRequest(question="hi", max_new_tokens=1), timeout=5)
+                    except grpc.RpcError as e:
+                        refused = e.code()
+                if status == pb.health.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.01)
+    finally:
+        proc.send_signal(2)
+        proc.wait(timeout=30)
+        log.close()
+    assert pb.health.HealthCheckResponse.NOT_SERVING in seen, (tmp_path / "server.log").read_text()
+    assert pb.health.HealthCheckResponse.SERVING in seen, (tmp_path / "server.log").read_text()
+    assert refused == grpc.StatusCode.UNAVAILABLE
