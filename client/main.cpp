@@ -52,6 +52,9 @@ commands:
   health     grpc.health.v1 check: prints SERVING or NOT_SERVING (exit 14 when not serving)
 
 global: --addr (default 127.0.0.1:50051, or $DEFKV_ADDR), --timeout seconds (default 600; 0: none)
+        --token T (or $DEFKV_TOKEN): bearer token for servers started with --auth_token_file
+        --tls_ca F: PEM CA that signed the server certificate (switches to TLS)
+        --tls_cert F --tls_key F: client certificate and key, for servers that require them (mTLS)
 exit code: the gRPC status code (0 OK, 3 INVALID_ARGUMENT, 4 DEADLINE_EXCEEDED, 8 RESOURCE_EXHAUSTED,
 11 OUT_OF_RANGE, 14 UNAVAILABLE, ...); 64: bad command line
 )";
@@ -130,13 +133,15 @@ std::string ToJson(const google::protobuf::Message& m) {
 
 class Client {
  public:
-  Client(const std::string& addr, double timeout_s) : timeout_s_(timeout_s) {
+  Client(const std::string& addr, double timeout_s, std::shared_ptr<grpc::ChannelCredentials> creds, std::string token)
+      : timeout_s_(timeout_s), token_(std::move(token)) {
     grpc::ChannelArguments ch;
     ch.SetMaxReceiveMessageSize(64 << 20);
-    channel_ = grpc::CreateCustomChannel(addr, grpc::InsecureChannelCredentials(), ch);
+    channel_ = grpc::CreateCustomChannel(addr, creds, ch);
   }
   std::unique_ptr<grpc::ClientContext> Context() const {
     auto ctx = std::make_unique<grpc::ClientContext>();
+    if (!token_.empty()) ctx->AddMetadata("authorization", "Bearer " + token_);
     if (timeout_s_ > 0)
       ctx->set_deadline(std::chrono::system_clock::now() +
                         std::chrono::duration_cast<std::chrono::system_clock::duration>(
@@ -147,8 +152,17 @@ class Client {
 
  private:
   double timeout_s_;
+  std::string token_;
   std::shared_ptr<grpc::Channel> channel_;
 };
+
+std::optional<std::string> ReadPem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
 
 void PrintSummary(const pb::GenerateResponse& r) {
   const auto& u = r.usage();
@@ -314,7 +328,20 @@ int main(int argc, char** argv) {
   double timeout = 600;
   if (Has(*args, "timeout") && !absl::SimpleAtod(Last(*args, "timeout"), &timeout))
     return UsageError("--timeout wants seconds");
-  Client client(addr, timeout);
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (Has(*args, "tls_ca") || Has(*args, "tls_cert") || Has(*args, "tls_key")) {
+    grpc::SslCredentialsOptions ssl;
+    for (auto [flag, field] : {std::pair{"tls_ca", &ssl.pem_root_certs}, std::pair{"tls_cert", &ssl.pem_cert_chain},
+                               std::pair{"tls_key", &ssl.pem_private_key}}) {
+      if (!Has(*args, flag)) continue;
+      auto pem = ReadPem(Last(*args, flag));
+      if (!pem) return UsageError(std::string("--") + flag + ": cannot read " + Last(*args, flag));
+      *field = *pem;
+    }
+    creds = grpc::SslCredentials(ssl);
+  }
+  const char* env_token = std::getenv("DEFKV_TOKEN");
+  Client client(addr, timeout, creds, Last(*args, "token", env_token ? env_token : ""));
   const std::string& cmd = args->command;
   if (cmd == "generate") {
     if (!Has(*args, "question")) return UsageError("generate needs --question");

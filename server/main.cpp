@@ -4,6 +4,8 @@
 // finish within --drain_grace_seconds) -> exit 0.
 #include <csignal>
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -20,6 +22,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "prometheus/exposer.h"
+#include "server/auth.h"
 #include "server/engine_loop.h"
 #include "server/logging.h"
 #include "server/metrics.h"
@@ -43,6 +46,15 @@ ABSL_FLAG(int, max_receive_message_bytes, 16 << 20,
           "largest request message accepted; larger ones get RESOURCE_EXHAUSTED");
 ABSL_FLAG(double, drain_grace_seconds, 30, "on SIGTERM, how long admitted requests may run before they are cancelled");
 ABSL_FLAG(std::string, log_format, "text", "text or json (one JSON object per line)");
+ABSL_FLAG(std::string, metrics_host, "",
+          "address for /metrics (empty: the same as --host; 127.0.0.1 keeps metrics local while gRPC is public)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate chain: serve gRPC over TLS (with --tls_key)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle: require and verify client certificates signed by it (mutual TLS; needs --tls_cert)");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "file of accepted bearer tokens, one per line: calls to defkv.v1.DefKV must send "
+          "'authorization: Bearer <token>' (health checks are exempt)");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error, critical or off");
 
 #ifndef DEFKV_VERSION
@@ -54,6 +66,35 @@ namespace {
 
 using spdlog::level::err;
 using spdlog::level::info;
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, const char* flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, ": cannot read ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Insecure, TLS (--tls_cert/--tls_key) or mutual TLS (--tls_client_ca as well).
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials() {
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key);
+  const std::string client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  if (cert.empty() && key.empty() && client_ca.empty()) return grpc::InsecureServerCredentials();
+  if (cert.empty() || key.empty()) return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+  auto cert_pem = ReadFile(cert, "tls_cert");
+  if (!cert_pem.ok()) return cert_pem.status();
+  auto key_pem = ReadFile(key, "tls_key");
+  if (!key_pem.ok()) return key_pem.status();
+  grpc::SslServerCredentialsOptions opts(client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                                           : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  if (!client_ca.empty()) {
+    auto ca_pem = ReadFile(client_ca, "tls_client_ca");
+    if (!ca_pem.ok()) return ca_pem.status();
+    opts.pem_root_certs = *ca_pem;
+  }
+  opts.pem_key_cert_pairs.push_back({*key_pem, *cert_pem});
+  return grpc::SslServerCredentials(opts);
+}
 
 void SetHealth(grpc::Server& server, bool serving) {
   auto* health = server.GetHealthCheckService();
@@ -80,20 +121,31 @@ int Run() {
   engine_options.threads = absl::GetFlag(FLAGS_threads);
   engine_options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   const std::string host = absl::GetFlag(FLAGS_host);
+  const std::string metrics_host = absl::GetFlag(FLAGS_metrics_host).empty() ? host : absl::GetFlag(FLAGS_metrics_host);
+  auto credentials = ServerCredentials();
+  if (!credentials.ok()) {
+    LogEvent(err, "bad TLS configuration", {{"error", std::string(credentials.status().message())}});
+    return 2;
+  }
+  auto auth = TokenAuth::FromFile(absl::GetFlag(FLAGS_auth_token_file));
+  if (!auth.ok()) {
+    LogEvent(err, "bad --auth_token_file", {{"error", std::string(auth.status().message())}});
+    return 2;
+  }
 
   Metrics metrics(BuildInfo{DEFKV_VERSION, grpc::Version(), engine_options.model_dir, engine_options.device,
                             engine_options.dtype});
   std::unique_ptr<prometheus::Exposer> exposer;
   if (const int mp = absl::GetFlag(FLAGS_metrics_port); mp >= 0) {
     try {
-      exposer = std::make_unique<prometheus::Exposer>(absl::StrCat(host, ":", mp));
+      exposer = std::make_unique<prometheus::Exposer>(absl::StrCat(metrics_host, ":", mp));
     } catch (const std::exception& e) {
-      LogEvent(err, "cannot serve /metrics", {{"address", absl::StrCat(host, ":", mp)}, {"error", e.what()}});
+      LogEvent(err, "cannot serve /metrics", {{"address", absl::StrCat(metrics_host, ":", mp)}, {"error", e.what()}});
       return 1;
     }
     exposer->RegisterCollectable(metrics.registry());
     const auto ports = exposer->GetListeningPorts();
-    LogEvent(info, "metrics listening", {{"url", absl::StrCat("http://", host, ":", ports.empty() ? mp : ports[0], "/metrics")}});
+    LogEvent(info, "metrics listening", {{"url", absl::StrCat("http://", metrics_host, ":", ports.empty() ? mp : ports[0], "/metrics")}});
   }
 
   EngineLimits limits;
@@ -104,6 +156,7 @@ int Run() {
   service_options.max_new_tokens_limit = absl::GetFlag(FLAGS_max_new_tokens_limit);
   service_options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   service_options.version = DEFKV_VERSION;
+  service_options.auth = *std::move(auth);
   DefKVService service(engine, metrics, service_options);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -111,7 +164,7 @@ int Run() {
   grpc::ServerBuilder builder;
   int port = 0;
   const std::string address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(address, *credentials, &port);
   builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_receive_message_bytes));
   builder.RegisterService(&service);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
@@ -123,7 +176,10 @@ int Run() {
     return 1;
   }
   SetHealth(*server, false);  // reachable while the model loads, but not ready
-  LogEvent(info, "grpc listening", {{"address", absl::StrCat(host, ":", port)}, {"version", DEFKV_VERSION}});
+  LogEvent(info, "grpc listening",
+           {{"address", absl::StrCat(host, ":", port)}, {"version", DEFKV_VERSION},
+            {"tls", absl::GetFlag(FLAGS_tls_cert).empty() ? "off" : absl::GetFlag(FLAGS_tls_client_ca).empty() ? "on" : "mutual"},
+            {"auth", service_options.auth.enabled() ? "bearer token" : "off"}});
 
   LogEvent(info, "loading model", {{"model", engine_options.model_dir}, {"device", engine_options.device},
                                    {"dtype", engine_options.dtype}});

@@ -58,7 +58,7 @@ class StreamReactor final : public grpc::ServerWriteReactor<pb::GenerateStreamRe
   StreamReactor(DefKVService& service, grpc::CallbackServerContext* ctx, const pb::GenerateRequest& request)
       : deadline_(ctx->deadline()) {
     auto job = std::make_shared<Job>();
-    absl::Status rejected = service.MakeJob(request, job.get());
+    absl::Status rejected = service.MakeJob(*ctx, request, job.get());
     if (rejected.ok()) {
       Job& j = *job;
       j.on_text = [this](std::string_view text, std::span<const int32_t> ids) { return PushText(text, ids); };
@@ -196,10 +196,17 @@ DefKVService::DefKVService(EngineLoop& engine, Metrics& metrics, ServiceOptions 
       "%x", std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count());
 }
 
-absl::Status DefKVService::MakeJob(const pb::GenerateRequest& req, Job* job) {
+absl::Status DefKVService::Authorize(const grpc::CallbackServerContext& ctx, const char* rpc) {
+  absl::Status s = options_.auth.Check(ctx);
+  if (!s.ok()) LogEvent(spdlog::level::warn, "unauthenticated", {{"rpc", rpc}, {"peer", ctx.peer()}, {"error", std::string(s.message())}});
+  return s;
+}
+
+absl::Status DefKVService::MakeJob(const grpc::CallbackServerContext& ctx, const pb::GenerateRequest& req, Job* job) {
   job->arrival = Clock::now();
   job->press = "unknown";
   job->id = absl::StrCat(id_prefix_, "-", next_id_.fetch_add(1));
+  if (auto s = options_.auth.Check(ctx); !s.ok()) return s;
   if (req.request_id().size() > kMaxRequestIdBytes || !PrintableAscii(req.request_id()))
     return absl::InvalidArgumentError(
         absl::StrCat("request_id must be at most ", kMaxRequestIdBytes, " printable ASCII characters without spaces"));
@@ -315,7 +322,7 @@ grpc::ServerUnaryReactor* DefKVService::Generate(grpc::CallbackServerContext* ct
                                                  pb::GenerateResponse* response) {
   auto* reactor = ctx->DefaultReactor();
   auto job = std::make_shared<Job>();
-  absl::Status rejected = MakeJob(*request, job.get());
+  absl::Status rejected = MakeJob(*ctx, *request, job.get());
   if (rejected.ok()) {
     Job* j = job.get();
     j->on_text = [](std::string_view, std::span<const int32_t>) { return true; };
@@ -342,8 +349,12 @@ grpc::ServerWriteReactor<pb::GenerateStreamResponse>* DefKVService::GenerateStre
 
 grpc::ServerUnaryReactor* DefKVService::ListPresses(grpc::CallbackServerContext* ctx, const pb::ListPressesRequest*,
                                                     pb::ListPressesResponse* response) {
-  *response = presses_;
   auto* reactor = ctx->DefaultReactor();
+  if (auto s = Authorize(*ctx, "ListPresses"); !s.ok()) {
+    reactor->Finish(ToGrpc(s));
+    return reactor;
+  }
+  *response = presses_;
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
@@ -351,6 +362,10 @@ grpc::ServerUnaryReactor* DefKVService::ListPresses(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* DefKVService::GetModelInfo(grpc::CallbackServerContext* ctx, const pb::GetModelInfoRequest*,
                                                      pb::ModelInfo* response) {
   auto* reactor = ctx->DefaultReactor();
+  if (auto s = Authorize(*ctx, "GetModelInfo"); !s.ok()) {
+    reactor->Finish(ToGrpc(s));
+    return reactor;
+  }
   if (!engine_.ready()) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is not loaded (loading or shutting down)"));
     return reactor;

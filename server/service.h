@@ -12,12 +12,14 @@
 
 #include "absl/status/statusor.h"
 #include "defkv/v1/defkv.grpc.pb.h"
+#include "server/auth.h"
 #include "server/engine_loop.h"
 #include "server/metrics.h"
 
 namespace defkv::server {
 
 struct ServiceOptions {
+  TokenAuth auth;  // disabled unless --auth_token_file is given
   int max_new_tokens_limit = 1024;
   int default_max_new_tokens = 128;  // used when a request leaves max_new_tokens unset (capped by the limit)
   std::string version;
@@ -39,7 +41,9 @@ class DefKVService final : public defkv::v1::DefKV::CallbackService {
 
   // Validates a request into `job` (shared by the unary handler and the stream reactor). On error
   // the job still carries what was learnt (id, press, ratio) for the log line and metrics.
-  absl::Status MakeJob(const defkv::v1::GenerateRequest& request, Job* job);
+  absl::Status MakeJob(const grpc::CallbackServerContext& ctx, const defkv::v1::GenerateRequest& request, Job* job);
+  // UNAUTHENTICATED (logged) when a token is required and the call lacks a valid one.
+  absl::Status Authorize(const grpc::CallbackServerContext& ctx, const char* rpc);
   absl::Status Submit(std::shared_ptr<Job> job) { return engine_.Submit(std::move(job)); }
   // Counts the request and writes its log line.
   void Report(const Job& job, const JobOutcome& outcome, bool stream);

@@ -56,9 +56,9 @@ def start_server(bin_dir, model_dir, pb, tmp_path_factory):
             pytest.fail(f"{bin_dir / exe} is missing: build it first (scripts/test does)")
     servers = []
 
-    def start(*extra) -> Server:
+    def start(*extra, credentials=None) -> Server:
         log = tmp_path_factory.mktemp("server") / "server.log"
-        s = Server(bin_dir, model_dir, log, pb, *extra)
+        s = Server(bin_dir, model_dir, log, pb, *extra, credentials=credentials)
         servers.append(s)
         return s
 

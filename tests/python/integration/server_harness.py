@@ -43,11 +43,12 @@ def in_process(bin_dir, model_dir, tmp_path, press="none", ratio=0.0, max_new_to
 class Server:
     """A defkv-server process. Logs go to a file (a pipe could fill up and stall the server)."""
 
-    def __init__(self, bin_dir, model_dir, log_path, pb, *extra):
+    def __init__(self, bin_dir, model_dir, log_path, pb, *extra, credentials=None):
         self.port, self.metrics_port = free_port(), free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         self.pb = pb
+        self.credentials = credentials  # grpc.ChannelCredentials for a TLS server, else None
         # One intra-op thread: the test machine is small and shared, and spinning OpenMP workers
         # slow a tiny model down by an order of magnitude there.
         self.cmd = [str(bin_dir / "defkv-server"), f"--model={model_dir}", "--host=127.0.0.1", f"--port={self.port}",
@@ -58,7 +59,10 @@ class Server:
 
     def channel(self):
         import grpc
-        return grpc.insecure_channel(self.addr, options=[("grpc.max_send_message_length", -1)])
+        options = [("grpc.max_send_message_length", -1)]
+        if self.credentials is not None:
+            return grpc.secure_channel(self.addr, self.credentials, options=options)
+        return grpc.insecure_channel(self.addr, options=options)
 
     def health(self, service: str = "") -> int:
         with self.channel() as ch:
