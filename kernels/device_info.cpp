@@ -6,6 +6,7 @@ namespace defkv::kernels {
 bool BuiltWithCuda() { return false; }
 std::vector<CudaDevice> ListCudaDevices() { return {}; }
 void SynchronizeDevice() {}
+int64_t FreeDeviceMemory(int) { return -1; }
 #else
 bool BuiltWithCuda() { return true; }
 #endif

@@ -21,6 +21,15 @@ std::vector<CudaDevice> ListCudaDevices() {
   return out;
 }
 
+int64_t FreeDeviceMemory(int device) {
+  int previous = 0;
+  size_t free_bytes = 0, total = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) return -1;
+  const bool ok = cudaMemGetInfo(&free_bytes, &total) == cudaSuccess;
+  cudaSetDevice(previous);
+  return ok ? static_cast<int64_t>(free_bytes) : -1;
+}
+
 void SynchronizeDevice() {
   if (cudaDeviceSynchronize() != cudaSuccess) cudaGetLastError();
 }

@@ -2,6 +2,7 @@
 // startup logs and GetModelInfo; safe to call on a machine with no GPU.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -19,5 +20,7 @@ bool BuiltWithCuda();
 std::vector<CudaDevice> ListCudaDevices();
 // Waits for all queued GPU work (timing boundaries); nothing without CUDA.
 void SynchronizeDevice();
+// Free memory of a CUDA device in bytes (cudaMemGetInfo), -1 without CUDA.
+int64_t FreeDeviceMemory(int device);
 
 }  // namespace defkv::kernels

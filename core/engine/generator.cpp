@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include <ATen/ATen.h>
@@ -24,6 +25,18 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// Bytes a new allocation can take on `device` now: MemAvailable on the host, the CUDA free
+// memory on a GPU; -1 when unknown.
+int64_t AvailableMemory(const at::Device& device) {
+  if (device.is_cuda()) return kernels::FreeDeviceMemory(device.index() < 0 ? 0 : device.index());
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  int64_t kib = 0;
+  while (in >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024;
+  return -1;
+}
 
 absl::StatusOr<at::Device> ParseDevice(const std::string& s) {
   try {
@@ -198,6 +211,14 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
     if (id < 0 || id >= cfg.vocab_size) return absl::InternalError("tokenizer produced an id outside the vocabulary");
   if (compress)
     if (auto s = (*press)->CheckContext(n_ctx); !s.ok()) return s;
+  // The cache is reserved at full size for the whole request: refuse up front what cannot fit,
+  // rather than failing mid-prefill (and possibly starving the process).
+  const int64_t tokens = n_ctx + n_q + request.max_new_tokens;
+  const int64_t entry_bytes = 2 * cfg.head_dim * static_cast<int64_t>(c10::elementSize(model.dtype()));
+  const int64_t needed = tokens * cfg.num_kv_heads * cfg.num_layers * entry_bytes;
+  if (const int64_t avail = AvailableMemory(model.device()); avail >= 0 && needed > avail)
+    return absl::ResourceExhaustedError(absl::StrCat("the KV cache of this request (", tokens, " tokens) needs ", needed,
+                                                     " bytes; ", model.device().str(), " has ", avail, " bytes free"));
   result.compression.press = (*press::FindPress(request.press))->name;
   result.compression.compression_ratio = request.compression_ratio;
   result.compression.context_tokens = n_ctx;
@@ -318,6 +339,8 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
     const auto t_end = Clock::now();
     result.timings.decode = Seconds(t_prefill, t_end);
     result.timings.total = Seconds(t0, t_end);
+  } catch (const c10::OutOfMemoryError& e) {
+    return absl::ResourceExhaustedError(absl::StrCat("out of memory during generation: ", e.what()));
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("generation failed: ", e.what()));
   }
