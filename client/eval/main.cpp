@@ -55,6 +55,7 @@ run options (ruler, longbench):
                         results.csv is resumed: finished samples are skipped
 
 global: --addr (default 127.0.0.1:50051, or $DEFKV_ADDR), --timeout seconds per request (default 600)
+        --token T (or $DEFKV_TOKEN), --tls_ca F, --tls_cert F --tls_key F: as for the defkv CLI
 exit code: 0 when every request succeeded, 1 when some failed, 64 on a bad command line
 )";
 
@@ -139,17 +140,20 @@ std::string Clock(double s) {
   return buf;
 }
 
+// The connection, with the defkv CLI's conventions: --token adds a bearer token, --tls_* switch to TLS.
 class Server {
  public:
-  Server(const std::string& addr, double timeout_s) : timeout_s_(timeout_s) {
+  Server(const std::string& addr, double timeout_s, std::shared_ptr<grpc::ChannelCredentials> creds, std::string token)
+      : timeout_s_(timeout_s), token_(std::move(token)) {
     grpc::ChannelArguments ch;
     ch.SetMaxReceiveMessageSize(64 << 20);
     ch.SetMaxSendMessageSize(64 << 20);
-    stub_ = pb::DefKV::NewStub(grpc::CreateCustomChannel(addr, grpc::InsecureChannelCredentials(), ch));
+    stub_ = pb::DefKV::NewStub(grpc::CreateCustomChannel(addr, creds, ch));
   }
 
   grpc::Status Generate(const pb::GenerateRequest& req, pb::GenerateResponse* resp) const {
     grpc::ClientContext ctx;
+    if (!token_.empty()) ctx.AddMetadata("authorization", "Bearer " + token_);
     if (timeout_s_ > 0)
       ctx.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::duration_cast<std::chrono::system_clock::duration>(
@@ -159,12 +163,14 @@ class Server {
 
   grpc::Status Info(pb::ModelInfo* info) const {
     grpc::ClientContext ctx;
+    if (!token_.empty()) ctx.AddMetadata("authorization", "Bearer " + token_);
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     return stub_->GetModelInfo(&ctx, pb::GetModelInfoRequest(), info);
   }
 
  private:
   double timeout_s_;
+  std::string token_;
   std::unique_ptr<pb::DefKV::Stub> stub_;
 };
 
@@ -451,7 +457,22 @@ int Main(int argc, char** argv) {
     return 0;
   }
 
-  Server server(addr, timeout);
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (a.values.count("tls_ca") || a.values.count("tls_cert") || a.values.count("tls_key")) {
+    grpc::SslCredentialsOptions ssl;
+    for (auto [flag, field] : {std::pair{"tls_ca", &ssl.pem_root_certs}, std::pair{"tls_cert", &ssl.pem_cert_chain},
+                               std::pair{"tls_key", &ssl.pem_private_key}}) {
+      if (!a.values.count(flag)) continue;
+      std::ifstream in(Last(a, flag), std::ios::binary);
+      if (!in) throw UsageError(std::string("--") + flag + ": cannot read " + Last(a, flag));
+      std::stringstream pem;
+      pem << in.rdbuf();
+      *field = pem.str();
+    }
+    creds = grpc::SslCredentials(ssl);
+  }
+  const char* env_token = std::getenv("DEFKV_TOKEN");
+  Server server(addr, timeout, creds, Last(a, "token", env_token ? env_token : ""));
   if (a.command == "tasks") {
     const RulerSetup s = ParseRulerSetup(a);
     const auto sizes = RulerSizes(s.chars_per_token ? nullptr : &server, s, o, {});
@@ -483,7 +504,7 @@ int Main(int argc, char** argv) {
   std::vector<ev::Sample> samples;
   std::vector<Job> jobs;
   std::vector<std::string> columns;
-  std::vector<std::pair<const ev::Sample*, std::pair<long long, unsigned long long>>> made;
+  std::vector<std::pair<long long, unsigned long long>> sample_keys;  // (length, seed) per sample
   std::string title;
   if (a.command == "ruler") {
     const RulerSetup s = ParseRulerSetup(a);
@@ -497,7 +518,7 @@ int Main(int argc, char** argv) {
       for (const auto& task : s.tasks)
         for (int i = 0; i < s.samples && sizes.at(task + "@" + std::to_string(length)) > 0; ++i) {
           samples.push_back(ev::BuildRuler(task, sizes.at(task + "@" + std::to_string(length)), s.seed, i, length));
-          made.push_back({nullptr, {length, s.seed}});
+          sample_keys.emplace_back(length, s.seed);
         }
     columns = ev::RulerTasks();
     columns.insert(columns.begin() + 10, {"qa_1", "qa_2"});  // the seed's 13 columns; qa_* stay empty
@@ -518,7 +539,7 @@ int Main(int argc, char** argv) {
         }
         if (limit > 0 && n >= limit) break;
         samples.push_back(ev::BuildLongBench(row, n++));
-        made.push_back({nullptr, {0, 0}});
+        sample_keys.emplace_back(0, 0);
         if (std::find(columns.begin(), columns.end(), row.dataset) == columns.end()) columns.push_back(row.dataset);
       }
     }
@@ -526,7 +547,7 @@ int Main(int argc, char** argv) {
   }
   for (size_t i = 0; i < samples.size(); ++i)
     for (const auto& [press, ratio] : Methods(o))
-      jobs.push_back({&samples[i], a.command, made[i].second.first, made[i].second.second, press, ratio});
+      jobs.push_back({&samples[i], a.command, sample_keys[i].first, sample_keys[i].second, press, ratio});
   return Run(server, jobs, o, columns, title);
 }
 

@@ -196,6 +196,7 @@ const std::vector<std::string>& CweWords(size_t need) {
   }
   static const char* kOnsets[] = {"b", "br", "d", "f", "g", "gr", "k", "l", "m", "n", "p", "pl", "r", "s", "st", "t", "tr", "v", "z"};
   static const char* kVowels[] = {"a", "e", "i", "o", "u", "ai", "ea", "oo"};
+  if (need > 1000000) throw std::invalid_argument("cwe: more than a million distinct words asked for");
   while (words.size() < need) {
     std::string w;
     const int syllables = static_cast<int>(rng.Uniform(2, 3));
@@ -203,6 +204,16 @@ const std::vector<std::string>& CweWords(size_t need) {
     if (seen.insert(w).second) words.push_back(w);
   }
   return words;
+}
+
+// How many distinct real words open the cwe pool (the lists share a few words).
+size_t RealWordCount() {
+  static const size_t n = [] {
+    std::set<std::string> all;
+    for (const auto* list : {&Nouns(), &Adjectives(), &Verbs()}) all.insert(list->begin(), list->end());
+    return all.size();
+  }();
+  return n;
 }
 
 struct NiahSpec {
@@ -373,8 +384,10 @@ Sample BuildVt(int size, Rng& r) {
 
 // cwe: `num_words` distinct words, the first 10 repeated `common` times, the others `uncommon`.
 std::pair<std::string, std::vector<std::string>> CweList(Rng& r, int num_words, int common, int uncommon) {
+  // Draw from the real words, and from made-up ones only as far as needed: the pool is shared and
+  // grows with earlier calls, and a draw must not depend on what was built before.
   const auto& pool = CweWords(static_cast<size_t>(num_words));
-  auto idx = r.Sample(pool.size(), static_cast<size_t>(num_words));
+  auto idx = r.Sample(std::max(static_cast<size_t>(num_words), RealWordCount()), static_cast<size_t>(num_words));
   std::vector<std::string> list, answers;
   for (size_t i = 0; i < idx.size(); ++i) {
     const int reps = i < 10 ? common : uncommon;
@@ -515,17 +528,45 @@ int FindRulerSize(const std::string& task, int64_t length, int max_new_tokens, u
     ++n_probes;
     return cache[n] = count(BuildRuler(task, n, seed, 0, length));
   };
-  // Exponential search for an upper bound, then bisection: monotone enough in practice (more
-  // haystack, more tokens), and the number of counts stays logarithmic.
-  int lo = 1, hi = 1;
-  if (tokens(1) > budget) {  // even the smallest instance is too long: the caller skips the task
+  // A linear guess from sizes 1 and 16 (tokens grow about linearly with the haystack), then a
+  // bracket around it widened by doubling steps, then bisection: the largest size that fits,
+  // in about half the counts of a search from 1 (each count is a prefill on the server).
+  // Every unit (line, word, needle) costs at least about a token, so 2 x budget bounds the search;
+  // without a bound a flat start (cwe has at least 10 words) would guess absurd sizes.
+  const int cap = static_cast<int>(std::min<int64_t>(2 * budget + 16, 1 << 24));
+  const int64_t t1 = tokens(1);
+  if (t1 > budget) {  // even the smallest instance is too long: the caller skips the task
     if (probes) *probes = n_probes;
     return 0;
   }
-  while (tokens(hi) <= budget) {
-    lo = hi;
-    hi *= 2;
-    if (hi > (1 << 24)) break;
+  const int64_t t16 = tokens(16);
+  const double per_unit = std::max(0.5, static_cast<double>(t16 - t1) / 15.0);
+  int guess = static_cast<int>(std::clamp(1.0 + static_cast<double>(budget - t1) / per_unit, 1.0, double(cap)));
+  int lo = 1, hi = 0;
+  if (tokens(guess) <= budget) {
+    lo = guess;
+    for (int step = std::max(1, guess / 32);; step *= 2) {
+      const int up = std::min(lo + step, cap);
+      if (tokens(up) > budget) {
+        hi = up;
+        break;
+      }
+      lo = up;
+      if (up == cap) {
+        if (probes) *probes = n_probes;
+        return lo;
+      }
+    }
+  } else {
+    hi = guess;
+    for (int step = std::max(1, guess / 32);; step *= 2) {
+      const int down = std::max(1, hi - step);
+      if (tokens(down) <= budget) {
+        lo = down;
+        break;
+      }
+      hi = down;
+    }
   }
   while (hi - lo > 1) {
     const int mid = lo + (hi - lo) / 2;

@@ -124,7 +124,11 @@ absl::Status SafetensorsFile::Parse(const uint8_t* bytes, size_t size) {
   json header = json::parse(bytes + 8, bytes + 8 + header_len, nullptr, /*allow_exceptions=*/false);
   if (header.is_discarded() || !header.is_object()) return fail("the JSON header does not parse as an object");
 
-  for (auto& [name, entry] : header.items()) {
+  for (auto& item : header.items()) {
+    // Named copies, not structured bindings: lambdas below capture them (clang 14 refuses
+    // capturing bindings).
+    const std::string name = item.key();
+    const json& entry = item.value();
     if (name == "__metadata__") continue;
     auto tfail = [&](const std::string& what) { return fail(absl::StrCat("tensor \"", name, "\": ", what)); };
     if (!entry.is_object()) return tfail("entry is not an object");

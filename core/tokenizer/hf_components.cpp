@@ -42,7 +42,7 @@ absl::StatusOr<Normalizer> Normalizer::FromJson(const json& j) {
   if (j.is_null()) return n;
   const std::string type = TypeOf(j);
   if (type == "Sequence") {
-    for (const auto& sub : j["normalizers"]) {
+    for (const auto& sub : j.at("normalizers")) {
       auto s = FromJson(sub);
       if (!s.ok()) return s.status();
       n.steps_.insert(n.steps_.end(), s->steps_.begin(), s->steps_.end());
@@ -50,12 +50,12 @@ absl::StatusOr<Normalizer> Normalizer::FromJson(const json& j) {
   } else if (type == "NFC") {
     n.steps_.push_back({Step::kNfc, "", ""});
   } else if (type == "Prepend") {
-    n.steps_.push_back({Step::kPrepend, j["prepend"].get<std::string>(), ""});
+    n.steps_.push_back({Step::kPrepend, j.at("prepend").get<std::string>(), ""});
   } else if (type == "Replace") {
-    if (!j["pattern"].contains("String"))
+    if (!j.at("pattern").contains("String"))
       return absl::UnimplementedError("Replace normalizer with a Regex pattern is not supported");
     n.steps_.push_back(
-        {Step::kReplace, j["pattern"]["String"].get<std::string>(), j["content"].get<std::string>()});
+        {Step::kReplace, j.at("pattern").at("String").get<std::string>(), j.at("content").get<std::string>()});
   } else {
     return absl::UnimplementedError(absl::StrCat("unsupported normalizer type '", type, "'"));
   }
@@ -84,7 +84,7 @@ absl::StatusOr<PreTokenizer::Step> PreTokenizer::StepFromJson(const json& j) {
   Step st;
   if (type == "Split") {
     st.kind = Step::kSplit;
-    auto pattern = PatternToRegex(j["pattern"]);
+    auto pattern = PatternToRegex(j.at("pattern"));
     if (!pattern.ok()) return pattern.status();
     auto re = PcreRegex::Compile(*pattern);
     if (!re.ok()) return re.status();
@@ -124,7 +124,7 @@ absl::StatusOr<PreTokenizer> PreTokenizer::FromJson(const json& j) {
   PreTokenizer p;
   if (j.is_null()) return p;
   if (TypeOf(j) == "Sequence") {
-    for (const auto& sub : j["pretokenizers"]) {
+    for (const auto& sub : j.at("pretokenizers")) {
       auto s = FromJson(sub);
       if (!s.ok()) return s.status();
       p.steps_.insert(p.steps_.end(), s->steps_.begin(), s->steps_.end());
@@ -270,7 +270,7 @@ absl::Status Decoder::AddFromJson(const json& j, std::vector<Step>& steps) {
   const std::string type = TypeOf(j);
   Step st;
   if (type == "Sequence") {
-    for (const auto& sub : j["decoders"]) {
+    for (const auto& sub : j.at("decoders")) {
       if (auto s = AddFromJson(sub, steps); !s.ok()) return s;
     }
     return absl::OkStatus();
@@ -283,11 +283,11 @@ absl::Status Decoder::AddFromJson(const json& j, std::vector<Step>& steps) {
     if (scheme.empty()) scheme = BoolValue(j, "add_prefix_space", true) ? "always" : "never";
     st.prepend = scheme != "never";
   } else if (type == "Replace") {
-    if (!j["pattern"].contains("String"))
+    if (!j.at("pattern").contains("String"))
       return absl::UnimplementedError("Replace decoder with a Regex pattern is not supported");
     st.kind = Step::kReplace;
-    st.a = j["pattern"]["String"].get<std::string>();
-    st.b = j["content"].get<std::string>();
+    st.a = j.at("pattern").at("String").get<std::string>();
+    st.b = j.at("content").get<std::string>();
   } else if (type == "ByteFallback") {
     st.kind = Step::kByteFallback;
   } else if (type == "Fuse") {
@@ -295,8 +295,14 @@ absl::Status Decoder::AddFromJson(const json& j, std::vector<Step>& steps) {
   } else if (type == "Strip") {
     st.kind = Step::kStrip;
     st.strip_char = StringValue(j, "content", " ");
-    st.start = j.value("start", 0);
-    st.stop = j.value("stop", 0);
+    // Counts of characters to strip: small non-negative integers (a JSON double or a huge
+    // value would be undefined behaviour to narrow).
+    for (auto [key, field] : {std::pair{"start", &st.start}, std::pair{"stop", &st.stop}}) {
+      const json v = j.value(key, json(0));
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > 1024)
+        return absl::InvalidArgumentError(absl::StrCat("Strip decoder: \"", key, "\" must be an integer in [0, 1024]"));
+      *field = static_cast<int>(v.get<int64_t>());
+    }
   } else {
     return absl::UnimplementedError(absl::StrCat("unsupported decoder type '", type, "'"));
   }

@@ -97,7 +97,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromJson(const json& root_js
     }
     absl::flat_hash_map<std::string, int32_t> vocab;
     vocab.reserve(m.at("vocab").size());
-    for (const auto& [tok, id] : m.at("vocab").items()) vocab[tok] = id.get<int32_t>();
+    for (const auto& [tok, id] : m.at("vocab").items()) vocab[tok] = TokenId(id);
     std::vector<std::pair<std::string, std::string>> merges;
     merges.reserve(m.at("merges").size());
     for (const auto& mj : m.at("merges")) {
@@ -135,7 +135,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromJson(const json& root_js
 
     AddedVocab added;
     if (root->contains("added_tokens")) {
-      for (const auto& a : root->at("added_tokens")) added.Add(AddedFromJson(a, a.at("id")));
+      for (const auto& a : root->at("added_tokens")) added.Add(AddedFromJson(a, TokenId(a.at("id"))));
     }
     const bool byte_level = pre->byte_level();
     const bool has_norm = !root->value("normalizer", json()).is_null();
@@ -152,7 +152,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromJson(const json& root_js
     tok->SetUp(std::move(added), std::move(*norm), std::move(*dec), describe, lossless);
     tok->SetSpecialIds(*config);
     return std::unique_ptr<Tokenizer>(std::move(tok));
-  } catch (const json::exception& e) {
+  } catch (const std::exception& e) {  // json errors and TokenId's range errors
     return absl::InvalidArgumentError(absl::StrCat(path, ": malformed tokenizer: ", e.what()));
   }
 }
@@ -170,8 +170,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadVocabMerges(const std::string& vo
     return absl::InvalidArgumentError(absl::StrCat(vocab_path, ": expected a JSON object"));
   absl::flat_hash_map<std::string, int32_t> vocab;
   try {
-    for (const auto& [tok, id] : vj->items()) vocab[tok] = id.get<int32_t>();
-  } catch (const json::exception& e) {
+    for (const auto& [tok, id] : vj->items()) vocab[tok] = TokenId(id);
+  } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(vocab_path, ": ", e.what()));
   }
   std::vector<std::pair<std::string, std::string>> merges;
@@ -199,8 +199,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadVocabMerges(const std::string& vo
 
   AddedVocab added;
   if (config->contains("added_tokens_decoder") && (*config)["added_tokens_decoder"].is_object()) {
-    for (const auto& [id, a] : (*config)["added_tokens_decoder"].items()) {
-      added.Add(AddedFromJson(a, std::stoi(id)));
+    try {
+      for (const auto& [id, a] : (*config)["added_tokens_decoder"].items()) added.Add(AddedFromJson(a, TokenId(id)));
+    } catch (const std::exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat(config_path, ": added_tokens_decoder: ", e.what()));
     }
   }
   auto model = std::make_unique<BpeModel>(std::move(vocab), merges, BpeOptions{});

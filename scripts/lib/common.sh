@@ -19,5 +19,5 @@ APT_PACKAGES=(
   libabsl-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libpcre2-dev libsentencepiece-dev libicu-dev libopenblas0-pthread
   libcivetweb-dev civetweb zlib1g-dev libcurl4-openssl-dev
-  prometheus yamllint openssl
+  prometheus yamllint openssl clang libclang-rt-14-dev
 )

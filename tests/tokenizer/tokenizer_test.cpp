@@ -271,3 +271,20 @@ TEST(LoadErrors, CorruptTokenizerConfig) {
 
 }  // namespace
 }  // namespace defkv::tok
+
+// Inputs the fuzzers (tests/fuzz) found crashing, kept as regressions: each must load or fail
+// with a status naming the file, never crash.
+TEST(FuzzRegressions, TokenizerJsonInputsFail) {
+  const std::filesystem::path dir = std::filesystem::path(DEFKV_SOURCE_DIR) / "tests/fuzz/regressions/tokenizer_load";
+  int seen = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::filesystem::path tmp = std::filesystem::temp_directory_path() / "defkv-regression-tokenizer.json";
+    std::filesystem::copy_file(entry.path(), tmp, std::filesystem::copy_options::overwrite_existing);
+    auto tok = defkv::tok::Tokenizer::Load(tmp.string());
+    if (!tok.ok()) {
+      EXPECT_NE(tok.status().message().find(tmp.string()), std::string::npos) << tok.status();
+    }
+    ++seen;
+  }
+  EXPECT_GT(seen, 0);
+}
