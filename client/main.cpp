@@ -25,12 +25,16 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "client/common.h"
 #include "defkv/v1/defkv.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace {
 
 namespace pb = defkv::v1;
+using defkv::client::Args;
+using defkv::client::Has;
+using defkv::client::Last;
 constexpr int kUsageError = 64;  // EX_USAGE: above every gRPC status code
 
 constexpr const char* kUsage = R"(usage: defkv [--addr HOST:PORT] [--timeout SECONDS] COMMAND [options]
@@ -59,53 +63,7 @@ exit code: the gRPC status code (0 OK, 3 INVALID_ARGUMENT, 4 DEADLINE_EXCEEDED, 
 11 OUT_OF_RANGE, 14 UNAVAILABLE, ...); 64: bad command line
 )";
 
-struct Args {
-  std::string command;
-  std::map<std::string, std::vector<std::string>> values;  // --name value (repeatable)
-  std::map<std::string, bool> switches;                     // --name
-};
-
 const std::vector<std::string> kSwitches = {"stream", "json", "no-chat-template", "help"};
-
-// Hand-rolled because absl flags cannot spell the dashed names (--context-file) this CLI uses.
-std::optional<Args> ParseArgs(int argc, char** argv, std::string* error) {
-  Args args;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a.rfind("--", 0) != 0 || a.size() == 2) {
-      if (!args.command.empty()) {
-        *error = "unexpected argument '" + a + "'";
-        return std::nullopt;
-      }
-      args.command = a;
-      continue;
-    }
-    std::string name = a.substr(2), value;
-    const auto eq = name.find('=');
-    const bool is_switch = std::find(kSwitches.begin(), kSwitches.end(), name) != kSwitches.end();
-    if (is_switch) {
-      args.switches[name] = true;
-      continue;
-    }
-    if (eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name.resize(eq);
-    } else if (i + 1 < argc) {
-      value = argv[++i];
-    } else {
-      *error = "--" + name + " needs a value";
-      return std::nullopt;
-    }
-    args.values[name].push_back(value);
-  }
-  return args;
-}
-
-std::string Last(const Args& a, const std::string& name, const std::string& fallback = "") {
-  auto it = a.values.find(name);
-  return it == a.values.end() ? fallback : it->second.back();
-}
-bool Has(const Args& a, const std::string& name) { return a.values.count(name) > 0; }
 
 int Fail(const grpc::Status& s) {
   static const char* kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -155,14 +113,6 @@ class Client {
   std::string token_;
   std::shared_ptr<grpc::Channel> channel_;
 };
-
-std::optional<std::string> ReadPem(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return std::nullopt;
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 void PrintSummary(const pb::GenerateResponse& r) {
   const auto& u = r.usage();
@@ -317,7 +267,7 @@ int Health(const Client& client, const Args& a) {
 
 int main(int argc, char** argv) {
   std::string error;
-  auto args = ParseArgs(argc, argv, &error);
+  auto args = defkv::client::ParseArgs(argc, argv, kSwitches, &error);
   if (!args) return UsageError(error);
   if (args->switches.count("help") || args->command.empty() || args->command == "help") {
     std::cout << kUsage;
@@ -328,20 +278,10 @@ int main(int argc, char** argv) {
   double timeout = 600;
   if (Has(*args, "timeout") && !absl::SimpleAtod(Last(*args, "timeout"), &timeout))
     return UsageError("--timeout wants seconds");
-  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
-  if (Has(*args, "tls_ca") || Has(*args, "tls_cert") || Has(*args, "tls_key")) {
-    grpc::SslCredentialsOptions ssl;
-    for (auto [flag, field] : {std::pair{"tls_ca", &ssl.pem_root_certs}, std::pair{"tls_cert", &ssl.pem_cert_chain},
-                               std::pair{"tls_key", &ssl.pem_private_key}}) {
-      if (!Has(*args, flag)) continue;
-      auto pem = ReadPem(Last(*args, flag));
-      if (!pem) return UsageError(std::string("--") + flag + ": cannot read " + Last(*args, flag));
-      *field = *pem;
-    }
-    creds = grpc::SslCredentials(ssl);
-  }
-  const char* env_token = std::getenv("DEFKV_TOKEN");
-  Client client(addr, timeout, creds, Last(*args, "token", env_token ? env_token : ""));
+  std::string cred_error;
+  auto creds = defkv::client::Credentials(*args, &cred_error);
+  if (!creds) return UsageError(cred_error);
+  Client client(addr, timeout, creds, defkv::client::BearerToken(*args));
   const std::string& cmd = args->command;
   if (cmd == "generate") {
     if (!Has(*args, "question")) return UsageError("generate needs --question");

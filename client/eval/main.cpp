@@ -22,6 +22,7 @@
 #include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
+#include "client/common.h"
 #include "defkv/v1/defkv.grpc.pb.h"
 #include "longbench.h"
 #include "metrics.h"
@@ -33,6 +34,8 @@ namespace {
 namespace pb = defkv::v1;
 namespace ev = defkv::eval;
 namespace fs = std::filesystem;
+using defkv::client::Args;
+using defkv::client::Last;
 constexpr int kUsageError = 64;
 
 constexpr const char* kUsage = R"(usage: defkv-eval [--addr HOST:PORT] [--timeout SECONDS] COMMAND [options]
@@ -59,49 +62,7 @@ global: --addr (default 127.0.0.1:50051, or $DEFKV_ADDR), --timeout seconds per 
 exit code: 0 when every request succeeded, 1 when some failed, 64 on a bad command line
 )";
 
-struct Args {
-  std::string command;
-  std::map<std::string, std::vector<std::string>> values;
-  std::map<std::string, bool> switches;
-};
-
 const std::vector<std::string> kSwitches = {"no-chat-template", "help"};
-
-std::optional<Args> ParseArgs(int argc, char** argv, std::string* error) {
-  Args args;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a.rfind("--", 0) != 0 || a.size() == 2) {
-      if (!args.command.empty()) {
-        *error = "unexpected argument '" + a + "'";
-        return std::nullopt;
-      }
-      args.command = a;
-      continue;
-    }
-    std::string name = a.substr(2), value;
-    if (std::find(kSwitches.begin(), kSwitches.end(), name) != kSwitches.end()) {
-      args.switches[name] = true;
-      continue;
-    }
-    if (const auto eq = name.find('='); eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name.resize(eq);
-    } else if (i + 1 < argc) {
-      value = argv[++i];
-    } else {
-      *error = "--" + name + " needs a value";
-      return std::nullopt;
-    }
-    args.values[name].push_back(value);
-  }
-  return args;
-}
-
-std::string Last(const Args& a, const std::string& name, const std::string& fallback = "") {
-  auto it = a.values.find(name);
-  return it == a.values.end() ? fallback : it->second.back();
-}
 
 std::vector<std::string> List(const std::string& s) {
   std::vector<std::string> out;
@@ -431,7 +392,7 @@ std::map<std::string, int> RulerSizes(const Server* server, const RulerSetup& s,
 
 int Main(int argc, char** argv) {
   std::string error;
-  auto parsed = ParseArgs(argc, argv, &error);
+  auto parsed = defkv::client::ParseArgs(argc, argv, kSwitches, &error);
   if (!parsed) throw UsageError(error);
   const Args& a = *parsed;
   if (a.switches.count("help") || a.command.empty()) {
@@ -457,22 +418,10 @@ int Main(int argc, char** argv) {
     return 0;
   }
 
-  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
-  if (a.values.count("tls_ca") || a.values.count("tls_cert") || a.values.count("tls_key")) {
-    grpc::SslCredentialsOptions ssl;
-    for (auto [flag, field] : {std::pair{"tls_ca", &ssl.pem_root_certs}, std::pair{"tls_cert", &ssl.pem_cert_chain},
-                               std::pair{"tls_key", &ssl.pem_private_key}}) {
-      if (!a.values.count(flag)) continue;
-      std::ifstream in(Last(a, flag), std::ios::binary);
-      if (!in) throw UsageError(std::string("--") + flag + ": cannot read " + Last(a, flag));
-      std::stringstream pem;
-      pem << in.rdbuf();
-      *field = pem.str();
-    }
-    creds = grpc::SslCredentials(ssl);
-  }
-  const char* env_token = std::getenv("DEFKV_TOKEN");
-  Server server(addr, timeout, creds, Last(a, "token", env_token ? env_token : ""));
+  std::string cred_error;
+  auto creds = defkv::client::Credentials(a, &cred_error);
+  if (!creds) throw UsageError(cred_error);
+  Server server(addr, timeout, creds, defkv::client::BearerToken(a));
   if (a.command == "tasks") {
     const RulerSetup s = ParseRulerSetup(a);
     const auto sizes = RulerSizes(s.chars_per_token ? nullptr : &server, s, o, {});
