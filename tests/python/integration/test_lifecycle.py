@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -171,7 +172,17 @@ def test_not_serving_while_loading(bin_dir, model_dir, pb, tmp_path):
                              f"--port={port}", "--metrics_port=-1", "--threads=1"], stdout=log, stderr=subprocess.STDOUT)
     seen, refused = set(), None
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        # Wait for the port with plain connects first: a gRPC channel that tries too early backs
+        # off for about a second, longer than the load lasts, and would only ever see SERVING.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.005)
+        fast_retry = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 50)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=fast_retry) as ch:
             health = pb.health_grpc.HealthStub(ch)
             stub = pb.defkv_grpc.DefKVStub(ch)
             deadline = time.monotonic() + 60
