@@ -1,5 +1,6 @@
 #include "server/engine_loop.h"
 
+#include <algorithm>
 #include <exception>
 #include <utility>
 
@@ -8,15 +9,6 @@
 #include "server/logging.h"
 
 namespace defkv::server {
-namespace {
-
-int64_t DtypeBytes(const std::string& dtype) {
-  if (dtype == "bfloat16" || dtype == "float16") return 2;
-  return 4;
-}
-
-}  // namespace
-
 EngineLoop::EngineLoop(engine::EngineOptions options, EngineLimits limits, Metrics& metrics)
     : options_(std::move(options)), limits_(limits), metrics_(metrics) {}
 
@@ -64,7 +56,7 @@ void EngineLoop::StopAccepting() {
 
 bool EngineLoop::WaitIdle(Clock::time_point deadline) {
   std::unique_lock lock(mu_);
-  return idle_cv_.wait_until(lock, deadline, [&] { return queue_.empty() && !running_job_; });
+  return idle_cv_.wait_until(lock, deadline, [&] { return queue_.empty() && running_count_ == 0; });
 }
 
 void EngineLoop::Stop() {
@@ -87,17 +79,39 @@ void EngineLoop::Stop() {
 }
 
 void EngineLoop::ThreadMain() {
-  auto generator = engine::Generator::Create(options_);
+  engine::EngineOptions options = options_;
+  options.check_free_memory = false;  // the KV budget below decides admission
+  auto generator = engine::Generator::Create(options);
   {
     std::lock_guard lock(mu_);
     if (generator.ok()) {
       generator_ = std::move(*generator);
       info_ = generator_->info();
       kv_entries_per_token_ = info_.num_layers * info_.num_kv_heads;
-      kv_bytes_per_token_ = 2 * kv_entries_per_token_ * info_.head_dim * DtypeBytes(info_.dtype);
+      kv_bytes_per_token_ = generator_->kv_bytes_per_token();
       if (limits_.max_context_tokens <= 0 || limits_.max_context_tokens > info_.max_context)
         limits_.max_context_tokens = info_.max_context;
-      if (state_ == State::kLoading) state_ = State::kServing;
+      if (limits_.kv_cache_bytes <= 0) {
+        const int64_t free = generator_->FreeMemoryBytes();
+        limits_.kv_cache_bytes = free > 0 ? static_cast<int64_t>(static_cast<double>(free) * limits_.kv_cache_fraction)
+                                          : int64_t{8} << 30;  // unknown: 8 GiB
+      }
+      // On a GPU the budget is allocated up front as one pool that every cache takes its rows
+      // from (one attention kernel per layer for the whole batch). 5% of it is kept back from
+      // admission as slack for fragmentation of the pool's free ranges.
+      if (auto pool = generator_->CreateKvPool(limits_.kv_cache_bytes); !pool.ok()) {
+        load_status_ = pool.status();
+      } else if (*pool > 0) {
+        pool_bytes_ = *pool;
+        limits_.kv_cache_bytes = static_cast<int64_t>(0.95 * static_cast<double>(*pool));
+      }
+      metrics_.kv_budget().Set(static_cast<double>(limits_.kv_cache_bytes));
+      if (!load_status_.ok()) {
+        generator_.reset();
+        state_ = State::kStopped;
+      } else if (state_ == State::kLoading) {
+        state_ = State::kServing;
+      }
     } else {
       load_status_ = generator.status();
       state_ = State::kStopped;
@@ -106,102 +120,236 @@ void EngineLoop::ThreadMain() {
   idle_cv_.notify_all();
   if (!generator_) return;
   SampleDeviceMemory();
+  UpdateGauges();
 
   for (;;) {
-    std::shared_ptr<Job> job;
     {
       std::unique_lock lock(mu_);
-      // Wake at least once a second to refresh the device-memory gauge while idle.
-      cv_.wait_for(lock, std::chrono::seconds(1), [&] { return !queue_.empty() || state_ == State::kStopped; });
+      if (running_.empty()) {
+        // Wake at least once a second to refresh the device-memory gauge while idle.
+        cv_.wait_for(lock, std::chrono::seconds(1), [&] { return !queue_.empty() || state_ == State::kStopped; });
+      }
       if (state_ == State::kStopped) break;
-      if (queue_.empty()) {
+      if (queue_.empty() && running_.empty()) {
         lock.unlock();
         SampleDeviceMemory();
         continue;
       }
-      job = std::move(queue_.front());
-      queue_.pop_front();
-      running_job_ = true;
-      metrics_.waiting().Set(static_cast<double>(queue_.size()));
-      metrics_.running().Set(1);
     }
-    Run(*job);
-    job.reset();  // the job's reactor may be released now
-    SampleDeviceMemory();
-    {
-      std::lock_guard lock(mu_);
-      running_job_ = false;
-      metrics_.running().Set(0);
-    }
-    idle_cv_.notify_all();
+    Iterate();
   }
+  // Shutdown: the running requests end with UNAVAILABLE (Stop() already failed the queued ones).
+  for (auto& a : running_) {
+    a->stop_reason = absl::UnavailableError("the server shut down while this request ran");
+    a->seq->Cancel();
+    Finish(*a, absl::OkStatus());
+  }
+  running_.clear();
+  UpdateGauges();
+  idle_cv_.notify_all();
   generator_.reset();
 }
 
-void EngineLoop::Run(Job& job) {
-  const auto start = Clock::now();
+void EngineLoop::Fail(const std::shared_ptr<Job>& job, absl::Status status, Clock::time_point start) {
   JobOutcome out;
-  out.queue_seconds = SecondsBetween(job.arrival, start);
+  out.status = std::move(status);
+  out.queue_seconds = SecondsBetween(job->arrival, start);
   metrics_.QueueTime(out.queue_seconds);
+  out.total_seconds = SecondsBetween(job->arrival, Clock::now());
+  job->on_done(out);
+}
 
-  // Why the request stopped early, when it did: the client (CANCELLED), its deadline, or shutdown.
-  absl::Status stop_reason;
-  auto should_stop = [&] {
+bool EngineLoop::AdmitOne() {
+  std::shared_ptr<Job> job;
+  {
+    std::lock_guard lock(mu_);
+    if (queue_.empty() || state_ == State::kStopped) return false;
+    job = queue_.front();
+  }
+  // Pops `job` if it is still the head (Stop() may have failed it meanwhile); true when popped.
+  auto pop = [&](bool running) {
+    std::lock_guard lock(mu_);
+    if (queue_.empty() || queue_.front() != job) return false;
+    queue_.pop_front();
+    if (running) ++running_count_;
+    metrics_.waiting().Set(static_cast<double>(queue_.size()));
+    return true;
+  };
+  const auto now = Clock::now();
+  if (static_cast<int>(running_.size()) >= limits_.max_batch) return false;
+  // One request is prefilled at a time: its full-size reservation is the only one counted at
+  // full size, and chunks interleave with the decode steps of the others.
+  for (const auto& a : running_)
+    if (a->seq->prefilling()) return false;
+  if (auto st = job->check(); !st.ok()) {  // cancelled or past its deadline while waiting
+    if (pop(false)) Fail(job, st, now);
+    return true;
+  }
+  if (head_ != job) {
+    head_ = job;
+    head_prompt_.reset();
+    auto prompt = generator_->Tokenize(job->request);
+    if (!prompt.ok()) {
+      if (pop(false)) Fail(job, prompt.status(), now);
+      return true;
+    }
+    const int64_t n = static_cast<int64_t>(prompt->context.size() + prompt->question.size());
+    if (n > limits_.max_context_tokens) {
+      if (pop(false))
+        Fail(job,
+             absl::OutOfRangeError(absl::StrCat("the prompt has ", n, " tokens (context ", prompt->context.size(),
+                                                ", question ", prompt->question.size(), "), over this server's limit of ",
+                                                limits_.max_context_tokens, " tokens (--max_context_tokens)")),
+             now);
+      return true;
+    }
+    head_prompt_ = *std::move(prompt);
+  }
+  const int64_t tokens = static_cast<int64_t>(head_prompt_->context.size() + head_prompt_->question.size()) +
+                         std::max(0, job->request.max_new_tokens);
+  const int64_t peak = tokens * kv_bytes_per_token_;
+  if (peak > limits_.kv_cache_bytes) {
+    if (pop(false))
+      Fail(job,
+           absl::ResourceExhaustedError(absl::StrCat("the KV cache of this request (", tokens, " tokens) needs ", peak,
+                                                     " bytes, more than this server's KV budget of ",
+                                                     limits_.kv_cache_bytes, " bytes (--kv_cache_bytes)")),
+           now);
+    return true;
+  }
+  int64_t reserved = 0;
+  for (const auto& a : running_) reserved += a->seq->kv_bytes_reserved();
+  if (reserved + peak > limits_.kv_cache_bytes) return false;  // waits at the head: first come, first served
+
+  if (!pop(true)) return true;
+  auto active = std::make_unique<Active>();
+  Active* a = active.get();
+  a->job = job;
+  a->admitted = now;
+  metrics_.QueueTime(SecondsBetween(job->arrival, now));
+  auto on_text = [this, a](std::string_view text, std::span<const int32_t> ids) {
+    const auto t = Clock::now();
+    if (a->seen_text) metrics_.InterTokenLatency(SecondsBetween(a->last_text, t));
+    a->seen_text = true;
+    a->last_text = t;
+    if (a->job->on_text(text, ids)) return true;
+    a->stop_reason = absl::CancelledError("the client went away mid-stream");
+    return false;
+  };
+  auto seq = generator_->Start(job->request, on_text, &*head_prompt_);
+  head_.reset();
+  head_prompt_.reset();
+  if (!seq.ok()) {
+    {
+      std::lock_guard lock(mu_);
+      --running_count_;
+    }
+    Fail(job, seq.status(), now);
+    idle_cv_.notify_all();
+    return true;
+  }
+  a->seq = *std::move(seq);
+  running_.push_back(std::move(active));
+  return true;
+}
+
+void EngineLoop::Finish(Active& a, absl::Status status) {
+  JobOutcome out;
+  out.queue_seconds = SecondsBetween(a.job->arrival, a.admitted);
+  engine::GenerateResult result = a.seq->TakeResult();
+  if (!status.ok()) {
+    out.status = std::move(status);
+  } else if (result.finish_reason == engine::FinishReason::kCancelled) {
+    out.status = a.stop_reason.ok() ? absl::CancelledError("the request was cancelled") : a.stop_reason;
+    out.result = std::move(result);
+  } else {
+    out.ttft_seconds = out.queue_seconds + result.timings.first_token;
+    out.result = std::move(result);
+  }
+  out.total_seconds = SecondsBetween(a.job->arrival, Clock::now());
+  if (out.status.ok())
+    metrics_.RequestCompleted(a.job->press, out.result, out.ttft_seconds, out.total_seconds, kv_entries_per_token_);
+  a.job->on_done(out);
+}
+
+void EngineLoop::Iterate() {
+  try {
+    while (AdmitOne()) {
+    }
     bool stopping;
     {
       std::lock_guard lock(mu_);
       stopping = state_ == State::kStopped;
     }
-    if (stopping) stop_reason = absl::UnavailableError("the server shut down while this request ran");
-    else stop_reason = job.check();
-    return !stop_reason.ok();
-  };
-
-  auto last_text = start;
-  bool seen_text = false;
-  auto on_text = [&](std::string_view text, std::span<const int32_t> ids) {
-    const auto now = Clock::now();
-    if (seen_text) metrics_.InterTokenLatency(SecondsBetween(last_text, now));
-    seen_text = true;
-    last_text = now;
-    if (job.on_text(text, ids)) return true;
-    stop_reason = absl::CancelledError("the client went away mid-stream");
-    return false;
-  };
-
-  try {
-    if (should_stop()) {
-      out.status = stop_reason;
-    } else if (auto prompt = generator_->Tokenize(job.request); !prompt.ok()) {
-      out.status = prompt.status();
-    } else if (const int64_t n = static_cast<int64_t>(prompt->context.size() + prompt->question.size());
-               n > limits_.max_context_tokens) {
-      out.status = absl::OutOfRangeError(absl::StrCat(
-          "the prompt has ", n, " tokens (context ", prompt->context.size(), ", question ", prompt->question.size(),
-          "), over this server's limit of ", limits_.max_context_tokens, " tokens (--max_context_tokens)"));
-    } else {
-      metrics_.kv_bytes_in_use().Set(static_cast<double>(n * kv_bytes_per_token_));
-      const auto generate_start = Clock::now();
-      auto result = generator_->Generate(job.request, on_text, should_stop);
-      if (!result.ok()) {
-        out.status = result.status();
-      } else if (result->finish_reason == engine::FinishReason::kCancelled) {
-        out.status = stop_reason.ok() ? absl::CancelledError("the request was cancelled") : stop_reason;
-        out.result = *std::move(result);
-      } else {
-        out.ttft_seconds = SecondsBetween(job.arrival, generate_start) + result->timings.first_token;
-        out.result = *std::move(result);
+    // Cancellations and deadlines, polled between steps.
+    for (auto& a : running_) {
+      if (a->seq->done()) continue;
+      if (stopping) a->stop_reason = absl::UnavailableError("the server shut down while this request ran");
+      else if (auto st = a->job->check(); !st.ok()) a->stop_reason = st;
+      if (!a->stop_reason.ok()) a->seq->Cancel();
+    }
+    // One prefill chunk (of the one request being prefilled), then one decode step for all.
+    for (auto& a : running_) {
+      if (!a->seq->prefilling()) continue;
+      if (auto st = generator_->PrefillStep(*a->seq); !st.ok()) {
+        a->seq->Cancel();
+        Finish(*a, st);
+        a->job.reset();
+      }
+      break;
+    }
+    std::vector<engine::Sequence*> batch;
+    std::vector<Active*> in_batch;
+    for (auto& a : running_)
+      if (a->job && !a->seq->done() && !a->seq->prefilling()) {
+        batch.push_back(a->seq.get());
+        in_batch.push_back(a.get());
+      }
+    if (!batch.empty()) {
+      metrics_.DecodeBatch(static_cast<double>(batch.size()));
+      if (auto st = generator_->DecodeStep(batch); !st.ok()) {
+        // A failed step cannot be pinned on one request: every request in it ends with the error.
+        for (Active* a : in_batch) {
+          a->seq->Cancel();
+          Finish(*a, st);
+          a->job.reset();
+        }
       }
     }
   } catch (const std::exception& e) {
     // The Generator turns its own exceptions into statuses; this guards the callbacks.
-    out.status = absl::InternalError(absl::StrCat("generation failed: ", e.what()));
+    for (auto& a : running_)
+      if (a->job) {
+        a->seq->Cancel();
+        Finish(*a, absl::InternalError(absl::StrCat("generation failed: ", e.what())));
+        a->job.reset();
+      }
   }
-  metrics_.kv_bytes_in_use().Set(0);
-  out.total_seconds = SecondsBetween(job.arrival, Clock::now());
-  if (out.status.ok())
-    metrics_.RequestCompleted(job.press, out.result, out.ttft_seconds, out.total_seconds, kv_entries_per_token_);
-  job.on_done(out);
+  // Requests that ended leave the batch now; their memory is already freed.
+  for (auto& a : running_)
+    if (a->job && a->seq->done()) {
+      Finish(*a, absl::OkStatus());
+      a->job.reset();
+    }
+  const size_t before = running_.size();
+  std::erase_if(running_, [](const std::unique_ptr<Active>& a) { return a->job == nullptr; });
+  if (running_.size() != before) SampleDeviceMemory();
+  UpdateGauges();
+}
+
+void EngineLoop::UpdateGauges() {
+  int64_t reserved = 0;
+  for (const auto& a : running_) reserved += a->seq->kv_bytes_reserved();
+  metrics_.kv_bytes_in_use().Set(static_cast<double>(reserved));
+  metrics_.kv_bytes_free().Set(static_cast<double>(std::max<int64_t>(0, limits_.kv_cache_bytes - reserved)));
+  metrics_.running().Set(static_cast<double>(running_.size()));
+  bool idle;
+  {
+    std::lock_guard lock(mu_);
+    running_count_ = static_cast<int>(running_.size());
+    idle = running_count_ == 0 && queue_.empty();
+  }
+  if (idle) idle_cv_.notify_all();
 }
 
 void EngineLoop::SampleDeviceMemory() {

@@ -1,7 +1,13 @@
-// The engine thread and the bounded queue in front of it. gRPC threads validate requests and
-// Submit them; one thread owns the Generator (it is not thread-safe) and runs them in arrival
-// order. Admission control is the queue bound: past --max_queue waiting requests, Submit refuses
-// with RESOURCE_EXHAUSTED instead of letting latency grow without limit.
+// The engine thread, its scheduler and the bounded queue in front of it. gRPC threads validate
+// requests and Submit them; one thread owns the Generator (it is not thread-safe) and runs a
+// continuous batch: requests join and leave it between steps; each iteration runs one prefill
+// chunk of the request being admitted, then one decode step of every running request together.
+// Admission is first come, first served against a KV memory budget that counts what each
+// running request holds now (compressed sizes once its context is compressed) plus the full
+// reservation of the one being prefilled; the head of the queue waits until it fits, so nothing
+// behind it overtakes it. Past --max_queue waiting requests, Submit refuses with
+// RESOURCE_EXHAUSTED; a request that could never fit in the budget is refused the same way.
+// Nothing is preempted: a request admitted keeps its memory until it ends.
 #pragma once
 
 #include <chrono>
@@ -14,7 +20,9 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <optional>
 #include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "core/engine/generator.h"
@@ -52,8 +60,13 @@ struct Job {
 };
 
 struct EngineLimits {
-  int max_queue = 64;             // waiting jobs, the running one not counted
+  int max_queue = 64;             // waiting jobs, the running ones not counted
   int64_t max_context_tokens = 0; // prompt (context + question) tokens; 0: the model's context length
+  int max_batch = 64;             // requests running at once (decoding or being prefilled)
+  // KV memory budget in bytes; 0: kv_cache_fraction of the memory free once the model is loaded
+  // (the GPU's free memory, or MemAvailable on the host).
+  int64_t kv_cache_bytes = 0;
+  double kv_cache_fraction = 0.9;
 };
 
 class EngineLoop {
@@ -69,6 +82,9 @@ class EngineLoop {
   // Valid once Start() succeeded.
   const engine::ModelInfo& info() const { return info_; }
   int64_t max_context_tokens() const { return limits_.max_context_tokens; }
+  // Valid once Start() succeeded.
+  int64_t kv_budget_bytes() const { return limits_.kv_cache_bytes; }
+  int64_t kv_pool_bytes() const { return pool_bytes_; }  // 0: no pool (CPU)
 
   // Queues a job: UNAVAILABLE while loading or draining, RESOURCE_EXHAUSTED when the queue is full.
   // On error the job's callbacks are never called.
@@ -81,8 +97,22 @@ class EngineLoop {
   void Stop();
 
  private:
+  // One request in the running batch.
+  struct Active {
+    std::shared_ptr<Job> job;
+    std::unique_ptr<engine::Sequence> seq;
+    Clock::time_point admitted, last_text;
+    bool seen_text = false;
+    absl::Status stop_reason;  // why it stopped early, when it did
+  };
+
   void ThreadMain();
-  void Run(Job& job);
+  // Moves the head of the queue into the batch when it fits; returns false when it must wait.
+  bool AdmitOne();
+  void Finish(Active& a, absl::Status status);
+  void Fail(const std::shared_ptr<Job>& job, absl::Status status, Clock::time_point start);
+  void Iterate();
+  void UpdateGauges();
   void SampleDeviceMemory();
 
   engine::EngineOptions options_;
@@ -91,6 +121,9 @@ class EngineLoop {
   std::unique_ptr<engine::Generator> generator_;  // touched by the engine thread only
   engine::ModelInfo info_;
   int64_t kv_bytes_per_token_ = 0;  // K+V bytes of one token across layers and kv heads
+  int64_t pool_bytes_ = 0;
+  std::shared_ptr<Job> head_;       // taken from the queue, waiting for KV memory
+  std::optional<engine::PromptTokens> head_prompt_;
   int64_t kv_entries_per_token_ = 0;
 
   mutable std::mutex mu_;
@@ -99,7 +132,8 @@ class EngineLoop {
   std::deque<std::shared_ptr<Job>> queue_;
   enum class State { kIdle, kLoading, kServing, kDraining, kStopped } state_ = State::kIdle;
   absl::Status load_status_;
-  bool running_job_ = false;
+  std::vector<std::unique_ptr<Active>> running_;  // the batch; engine thread only
+  int running_count_ = 0;                          // running_.size(), read under mu_
   std::thread thread_;
 };
 

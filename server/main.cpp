@@ -37,7 +37,14 @@ ABSL_FLAG(std::string, device, "cpu", "device: cpu, cuda or cuda:N");
 ABSL_FLAG(std::string, dtype, "auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16, float16");
 ABSL_FLAG(int, threads, 0, "CPU intra-op threads (0: all cores)");
 ABSL_FLAG(int, prefill_chunk, 512, "context tokens per prefill step");
-ABSL_FLAG(int, max_queue, 64, "requests allowed to wait for the engine; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_queue, 64, "requests allowed to wait for admission; more get RESOURCE_EXHAUSTED");
+ABSL_FLAG(bool, random_weights, false,
+          "benchmarking: random weights of --model's config.json shape (no safetensors needed; tokenizer still read)");
+ABSL_FLAG(int, max_batch, 64, "requests running at once in the continuous batch (decoding or being prefilled)");
+ABSL_FLAG(int64_t, kv_cache_bytes, 0,
+          "KV memory budget of the running batch in bytes (0: --kv_cache_fraction of the memory free after loading)");
+ABSL_FLAG(double, kv_cache_fraction, 0.9,
+          "with --kv_cache_bytes=0, the fraction of free device memory (host MemAvailable on CPU) given to KV caches");
 ABSL_FLAG(int64_t, max_context_tokens, 0,
           "largest prompt (context + question tokens) accepted; 0: the model's context length");
 ABSL_FLAG(int, max_new_tokens_limit, 1024, "largest max_new_tokens a request may ask for");
@@ -120,6 +127,7 @@ int Run() {
   engine_options.dtype = absl::GetFlag(FLAGS_dtype);
   engine_options.threads = absl::GetFlag(FLAGS_threads);
   engine_options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  engine_options.random_weights = absl::GetFlag(FLAGS_random_weights);
   const std::string host = absl::GetFlag(FLAGS_host);
   const std::string metrics_host = absl::GetFlag(FLAGS_metrics_host).empty() ? host : absl::GetFlag(FLAGS_metrics_host);
   auto credentials = ServerCredentials();
@@ -151,6 +159,13 @@ int Run() {
   EngineLimits limits;
   limits.max_queue = absl::GetFlag(FLAGS_max_queue);
   limits.max_context_tokens = absl::GetFlag(FLAGS_max_context_tokens);
+  limits.max_batch = absl::GetFlag(FLAGS_max_batch);
+  limits.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+  limits.kv_cache_fraction = absl::GetFlag(FLAGS_kv_cache_fraction);
+  if (limits.max_batch < 1 || limits.kv_cache_bytes < 0 || !(limits.kv_cache_fraction > 0 && limits.kv_cache_fraction <= 1)) {
+    LogEvent(err, "bad flags", {{"error", "--max_batch must be >= 1, --kv_cache_bytes >= 0, --kv_cache_fraction in (0, 1]"}});
+    return 2;
+  }
   EngineLoop engine(engine_options, limits, metrics);
   ServiceOptions service_options;
   service_options.max_new_tokens_limit = absl::GetFlag(FLAGS_max_new_tokens_limit);
@@ -192,7 +207,9 @@ int Run() {
   LogEvent(info, "model loaded",
            {{"model", mi.model_dir}, {"type", mi.model_type}, {"layers", mi.num_layers}, {"kv_heads", mi.num_kv_heads},
             {"device", mi.device}, {"dtype", mi.dtype}, {"weight_bytes", mi.weight_bytes},
-            {"load_s", mi.load_seconds}, {"max_context_tokens", engine.max_context_tokens()}});
+            {"load_s", mi.load_seconds}, {"max_context_tokens", engine.max_context_tokens()},
+            {"kv_budget_bytes", engine.kv_budget_bytes()}, {"kv_pool_bytes", engine.kv_pool_bytes()},
+            {"max_batch", limits.max_batch}});
   SetHealth(*server, true);
   LogEvent(info, "serving", {{"address", absl::StrCat(host, ":", port)},
                              {"startup_s", SecondsBetween(started, Clock::now())}});

@@ -78,10 +78,15 @@ Metrics::Metrics(const BuildInfo& build)
   auto counter = [&](const char* name, const char* help) {
     return &prometheus::BuildCounter().Name(name).Help(help).Register(*registry_).Add({});
   };
-  running_ = gauge("defkv_num_requests_running", "Requests the engine thread is working on");
-  waiting_ = gauge("defkv_num_requests_waiting", "Requests admitted and waiting in the queue");
+  running_ = gauge("defkv_num_requests_running", "Requests in the running batch (decoding or being prefilled)");
+  waiting_ = gauge("defkv_num_requests_waiting", "Requests accepted and waiting for admission to the batch");
   kv_in_use_ = gauge("defkv_kv_cache_bytes_in_use",
-                     "KV cache bytes held by running requests (the prefill peak of the running request)");
+                     "KV cache bytes reserved by running requests (full size while a context is prefilled, "
+                     "compressed size after)");
+  kv_free_ = gauge("defkv_kv_cache_bytes_free", "KV budget bytes not reserved by running requests");
+  kv_budget_ = gauge("defkv_kv_cache_budget_bytes", "KV memory budget that admission counts against (--kv_cache_bytes)");
+  decode_batch_ = histogram("defkv_decode_batch_size", "Sequences decoded together in one decode step",
+                            Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512});
   device_memory_ = gauge("defkv_device_memory_used_bytes",
                          "Memory in use on the serving device (process resident set size on CPU)");
   inter_token_ = histogram("defkv_inter_token_latency_seconds",

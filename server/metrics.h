@@ -34,10 +34,13 @@ class Metrics {
                         double e2e_seconds, int64_t kv_entries_per_token);
   void InterTokenLatency(double seconds) { inter_token_->Observe(seconds); }
   void QueueTime(double seconds) { queue_time_->Observe(seconds); }
+  void DecodeBatch(double sequences) { decode_batch_->Observe(sequences); }
 
   prometheus::Gauge& running() { return *running_; }
   prometheus::Gauge& waiting() { return *waiting_; }
   prometheus::Gauge& kv_bytes_in_use() { return *kv_in_use_; }
+  prometheus::Gauge& kv_bytes_free() { return *kv_free_; }
+  prometheus::Gauge& kv_budget() { return *kv_budget_; }
   prometheus::Gauge& device_memory() { return *device_memory_; }
 
  private:
@@ -51,6 +54,9 @@ class Metrics {
   prometheus::Gauge* running_;
   prometheus::Gauge* waiting_;
   prometheus::Gauge* kv_in_use_;
+  prometheus::Gauge* kv_free_;
+  prometheus::Gauge* kv_budget_;
+  prometheus::Histogram* decode_batch_;
   prometheus::Gauge* device_memory_;
   prometheus::Histogram* inter_token_;
   prometheus::Histogram* e2e_;

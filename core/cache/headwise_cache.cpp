@@ -27,13 +27,43 @@ at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::T
 }
 
 HeadwiseCache::HeadwiseCache(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, at::ScalarType dtype,
-                             at::Device device)
-    : num_kv_heads_(num_kv_heads), head_dim_(head_dim), dtype_(dtype), device_(device), layers_(num_layers) {
+                             at::Device device, KvPool* pool)
+    : num_kv_heads_(num_kv_heads), head_dim_(head_dim), dtype_(dtype), device_(device), pool_(pool),
+      layers_(num_layers) {
   for (auto& L : layers_) {
     L.offset.assign(num_kv_heads, 0);
     L.length.assign(num_kv_heads, 0);
     L.capacity.assign(num_kv_heads, 0);
   }
+}
+
+HeadwiseCache::~HeadwiseCache() {
+  for (auto& L : layers_) ReleaseStorage(L);
+}
+
+std::pair<at::Tensor, at::Tensor> HeadwiseCache::NewStorage(int64_t rows, int64_t* start) {
+  *start = -1;
+  if (pool_ == nullptr || rows == 0) {
+    auto opts = at::TensorOptions().dtype(dtype_).device(device_);
+    return {at::empty({rows, head_dim_}, opts), at::empty({rows, head_dim_}, opts)};
+  }
+  auto at_row = pool_->Allocate(rows);
+  TORCH_CHECK_WITH(OutOfMemoryError, at_row.has_value(), "the KV pool has no free range of ", rows, " rows (",
+                   pool_->free_rows(), " of ", pool_->rows(), " rows free, largest range ",
+                   pool_->largest_free_range(), ")");
+  *start = *at_row;
+  return {pool_->k().narrow(0, *at_row, rows), pool_->v().narrow(0, *at_row, rows)};
+}
+
+void HeadwiseCache::ReleaseStorage(Layer& L) {
+  if (L.pool_start >= 0) pool_->Free(L.pool_start, L.k.size(0));
+  L.pool_start = -1;
+  L.k = at::Tensor();
+  L.v = at::Tensor();
+}
+
+bool HeadwiseCache::batchable() const {
+  return pool_ != nullptr && device_.is_cuda() && (dtype_ == at::kBFloat16 || dtype_ == at::kHalf);
 }
 
 void HeadwiseCache::Reserve(int64_t tokens) {
@@ -53,15 +83,17 @@ void HeadwiseCache::Relayout(int64_t layer, const std::vector<int64_t>& cap) {
     offset[h] = rows;
     rows += cap[h];
   }
-  auto opts = at::TensorOptions().dtype(dtype_).device(device_);
-  at::Tensor k = at::empty({rows, head_dim_}, opts), v = at::empty({rows, head_dim_}, opts);
+  int64_t start = -1;
+  auto [k, v] = NewStorage(rows, &start);
   for (int64_t h = 0; h < num_kv_heads_; ++h) {
     if (L.length[h] == 0) continue;
     k.narrow(0, offset[h], L.length[h]).copy_(L.k.narrow(0, L.offset[h], L.length[h]));
     v.narrow(0, offset[h], L.length[h]).copy_(L.v.narrow(0, L.offset[h], L.length[h]));
   }
+  ReleaseStorage(L);
   L.k = k;
   L.v = v;
+  L.pool_start = start;
   L.offset = offset;
   L.capacity = cap;
   L.meta_stale = true;
@@ -125,6 +157,59 @@ at::Tensor HeadwiseCache::AttendFlash(Layer& L, const at::Tensor& q, int64_t t, 
   return std::get<0>(out).view({heads, t, group, d}).permute({0, 2, 1, 3}).reshape({heads * group, t, d});
 }
 
+at::Tensor HeadwiseCache::AppendAndAttendBatch(const std::vector<HeadwiseCache*>& caches, int64_t layer,
+                                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               double scale) {
+  TORCH_CHECK(!caches.empty(), "AppendAndAttendBatch: no caches");
+  KvPool* pool = caches[0]->pool_;
+  const int64_t b = static_cast<int64_t>(caches.size()), heads = caches[0]->num_kv_heads_;
+  const int64_t d = caches[0]->head_dim_, group = q.size(0) / heads, n = b * heads;
+  const at::Device device = caches[0]->device_;
+  // Segment i * H + h is kv head h of cache i: its first pool row, and its length after the append.
+  std::vector<int64_t> dst(n);
+  std::vector<int32_t> meta(2 * n + 1);  // cu_seqlens_k [n + 1], then seqused_k [n]
+  int64_t max_k = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    HeadwiseCache& c = *caches[i];
+    TORCH_CHECK(c.pool_ == pool && c.batchable() && c.num_kv_heads_ == heads,
+                "AppendAndAttendBatch: every cache must come from the same pool on a CUDA device");
+    Layer& L = c.layers_[layer];
+    bool full = false;
+    for (int64_t h = 0; h < heads; ++h) full |= L.length[h] + 1 > L.capacity[h];
+    if (full) {  // out of reserved room: double every segment that needs it
+      std::vector<int64_t> cap = L.capacity;
+      for (int64_t h = 0; h < heads; ++h)
+        if (L.length[h] + 1 > cap[h]) cap[h] = std::max(L.length[h] + 1, 2 * cap[h]);
+      c.Relayout(layer, cap);
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t first = L.pool_start + L.offset[h], j = i * heads + h;
+      dst[j] = first + L.length[h];
+      meta[j] = static_cast<int32_t>(first);
+      L.length[h] += 1;
+      meta[n + 1 + j] = static_cast<int32_t>(L.length[h]);
+      max_k = std::max(max_k, L.length[h]);
+    }
+    L.meta_stale = true;  // the single-cache path rebuilds its device metadata
+  }
+  meta[n] = static_cast<int32_t>(pool->rows());
+  // Pageable host memory: these copies finish before .to() returns.
+  at::Tensor dst_t = at::from_blob(dst.data(), {n}, at::TensorOptions().dtype(at::kLong)).to(device);
+  at::Tensor meta_t = at::from_blob(meta.data(), {2 * n + 1}, at::TensorOptions().dtype(at::kInt)).to(device);
+  at::Tensor cu_k = meta_t.narrow(0, 0, n + 1), used = meta_t.narrow(0, n + 1, n);
+  at::Tensor cu_q = at::arange(0, n + 1, at::TensorOptions().dtype(at::kInt).device(device));
+
+  // [H_kv, B, D] -> rows in segment order (cache-major).
+  pool->k().index_copy_(0, dst_t, k.transpose(0, 1).reshape({n, d}));
+  pool->v().index_copy_(0, dst_t, v.transpose(0, 1).reshape({n, d}));
+  // [H_q, B, D] -> [B * H_kv, G, D]: segment i * H + h holds the G query heads reading kv head h.
+  at::Tensor qp = q.reshape({heads, group, b, d}).permute({2, 0, 1, 3}).reshape({n, group, d});
+  auto out = at::_flash_attention_forward(qp, pool->k().view({-1, 1, d}), pool->v().view({-1, 1, d}), cu_q, cu_k,
+                                          /*max_q=*/1, max_k, /*dropout_p=*/0.0, /*is_causal=*/false,
+                                          /*return_debug_mask=*/false, scale, std::nullopt, std::nullopt, used);
+  return std::get<0>(out).view({b, heads, group, d}).permute({1, 2, 0, 3}).reshape({heads * group, b, d});
+}
+
 at::Tensor HeadwiseCache::AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const {
   const int64_t group = q.size(0) / num_kv_heads_;
   std::vector<at::Tensor> outs;
@@ -153,9 +238,10 @@ void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, 
   at::Tensor rows = at::cat(src_rows).to(device_);
   at::Tensor k_kept = L.k.index_select(0, rows), v_kept = L.v.index_select(0, rows);
   const int64_t total = std::accumulate(cap.begin(), cap.end(), int64_t{0});
-  auto opts = at::TensorOptions().dtype(dtype_).device(device_);
-  L.k = at::empty({total, head_dim_}, opts);
-  L.v = at::empty({total, head_dim_}, opts);
+  // The kept rows are gathered out first (k_kept/v_kept), so the old range can go back to the
+  // pool before the new one is taken: the pool never holds both.
+  ReleaseStorage(L);
+  std::tie(L.k, L.v) = NewStorage(total, &L.pool_start);
   int64_t dst = 0, src = 0;
   for (int64_t h = 0; h < num_kv_heads_; ++h) {
     L.offset[h] = dst;
@@ -201,6 +287,13 @@ int64_t HeadwiseCache::bytes_used() const {
   int64_t n = 0;
   for (size_t l = 0; l < layers_.size(); ++l) n += entries(static_cast<int64_t>(l));
   return n * entry_bytes();
+}
+
+int64_t HeadwiseCache::bytes_reserved() const {
+  int64_t rows = 0;
+  for (const auto& L : layers_)
+    if (L.k.defined()) rows += L.k.size(0);
+  return rows * entry_bytes();
 }
 
 }  // namespace defkv::cache

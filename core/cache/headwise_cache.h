@@ -16,13 +16,29 @@
 #include <vector>
 
 #include "core/cache/kv_cache.h"
+#include "core/cache/kv_pool.h"
 
 namespace defkv::cache {
 
 class HeadwiseCache final : public KvCache {
  public:
+  // With a pool, every layer's rows come from it (the pool must outlive the cache); without,
+  // each layer allocates its own tensors.
   HeadwiseCache(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, at::ScalarType dtype,
-                at::Device device);
+                at::Device device, KvPool* pool = nullptr);
+  ~HeadwiseCache() override;
+  HeadwiseCache(const HeadwiseCache&) = delete;
+  HeadwiseCache& operator=(const HeadwiseCache&) = delete;
+
+  // One decode step of B caches sharing one pool (CUDA, bf16/fp16): k, v: [H_kv, B, D] (the
+  // new token of each), q: [H_q, B, D]. Appends with one scatter and attends with one flash
+  // varlen call over all B * H_kv segments. Output [H_q, B, D], as B AppendAndAttend calls give.
+  static at::Tensor AppendAndAttendBatch(const std::vector<HeadwiseCache*>& caches, int64_t layer,
+                                         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         double scale);
+  // True when AppendAndAttendBatch applies to this cache (pooled, CUDA, half precision).
+  bool batchable() const;
+  KvPool* pool() const { return pool_; }
 
   // Gives every head of every layer room for `tokens` entries (uniform layout).
   void Reserve(int64_t tokens);
@@ -31,6 +47,8 @@ class HeadwiseCache final : public KvCache {
                              double scale) override;
   int64_t entries(int64_t layer) const override;
   int64_t bytes_used() const override;
+  // Bytes of K and V storage allocated (entries plus room reserved for appends).
+  int64_t bytes_reserved() const;
 
   // Keeps in `layer` only the entries kept[h] (int64 positions into head h's segment, any
   // order; stored in ascending order) and sizes each segment to its kept count + extra.
@@ -56,7 +74,12 @@ class HeadwiseCache final : public KvCache {
     // decode step copies nothing from the host.
     at::Tensor cu_k, used;
     bool meta_stale = true;
+    int64_t pool_start = -1;  // first pool row of k/v, when they come from the pool
   };
+  // Storage for `rows` rows of K and V (from the pool when there is one); `start` receives the
+  // pool row (-1 otherwise). ReleaseStorage gives a layer's rows back.
+  std::pair<at::Tensor, at::Tensor> NewStorage(int64_t rows, int64_t* start);
+  void ReleaseStorage(Layer& L);
   // Re-lays `layer` out with capacities `cap` (each >= its length), copying the entries.
   void Relayout(int64_t layer, const std::vector<int64_t>& cap);
   at::Tensor AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const;
@@ -67,6 +90,7 @@ class HeadwiseCache final : public KvCache {
   int64_t num_kv_heads_, head_dim_;
   at::ScalarType dtype_;
   at::Device device_;
+  KvPool* pool_;
   std::vector<Layer> layers_;
   std::map<int64_t, at::Tensor> cu_q_;  // device cu_seqlens_q for chunks of t queries per head
 };

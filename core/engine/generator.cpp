@@ -4,6 +4,8 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <limits>
+#include <optional>
 #include <thread>
 
 #include <ATen/ATen.h>
@@ -89,6 +91,7 @@ struct Generator::Impl {
   tok::ChatTemplate chat = tok::ChatTemplate::Plain();
   std::optional<int32_t> raw_bos;
   ModelInfo info;
+  std::unique_ptr<cache::KvPool> pool;  // declared after `model`: destroyed before it, after every cache
 };
 
 Generator::Generator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -122,7 +125,14 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const EngineOptions
   lo.progress = options.load_progress;
   absl::StatusOr<std::unique_ptr<model::Transformer>> m;
   try {
-    m = model::Transformer::Load(options.model_dir, lo);
+    if (options.random_weights) {
+      auto cfg = model::LoadModelConfig(options.model_dir);
+      if (!cfg.ok()) return cfg.status();
+      if (lo.dtype == at::ScalarType::Undefined) lo.dtype = device->is_cuda() ? at::kBFloat16 : at::kFloat;
+      m = model::Transformer::Random(*cfg, lo, /*seed=*/0);
+    } else {
+      m = model::Transformer::Load(options.model_dir, lo);
+    }
   } catch (const std::exception& e) {  // c10::Error (e.g. out of device memory) ends here
     return absl::InternalError(absl::StrCat(options.model_dir, ": loading the weights failed: ", e.what()));
   }
@@ -177,174 +187,317 @@ absl::StatusOr<PromptTokens> Generator::Tokenize(const GenerateRequest& request)
   return out;
 }
 
-absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& request, const TextCallback& on_text,
-                                                   const CancelCheck& cancelled) {
+struct Sequence::State {
+  GenerateRequest request;
+  TextCallback on_text;
+  PromptTokens prompt;
+  int64_t n_ctx = 0, n_q = 0;
+  std::unique_ptr<press::Press> press;
+  std::unique_ptr<cache::HeadwiseCache> cache;
+  std::unique_ptr<Compressor> compressor;
+  std::optional<Sampler> sampler;
+  std::optional<tok::IncrementalDecoder> decoder;
+  GenerateResult result;
+  Clock::time_point t0, t_tok, t_prefill;
+  int64_t ctx_done = 0, q_done = 0;  // prompt tokens prefilled so far
+  int64_t pos = 0;                   // position of the next token fed
+  int64_t peak_bytes = 0;
+  std::string text;          // everything decoded so far
+  size_t streamed = 0;       // bytes of `text` handed to on_text
+  size_t ids_streamed = 0;   // ids handed to on_text
+  bool prefilled = false, done = false;
+};
+
+Sequence::Sequence(std::unique_ptr<State> state) : s_(std::move(state)) {}
+Sequence::~Sequence() = default;
+bool Sequence::prefilling() const { return !s_->done && !s_->prefilled; }
+bool Sequence::done() const { return s_->done; }
+int64_t Sequence::kv_bytes_reserved() const { return s_->cache ? s_->cache->bytes_reserved() : 0; }
+int64_t Sequence::kv_bytes_peak() const { return s_->peak_bytes; }
+int64_t Sequence::prompt_tokens() const { return s_->n_ctx + s_->n_q; }
+const GenerateResult& Sequence::result() const { return s_->result; }
+GenerateResult Sequence::TakeResult() { return std::move(s_->result); }
+
+namespace {
+
+// Closes a sequence: final text, usage and timings; frees its cache.
+void Finalize(Sequence::State& s, FinishReason reason) {
+  if (s.done) return;
+  GenerateResult& r = s.result;
+  r.finish_reason = reason;
+  if (reason == FinishReason::kEos && s.decoder) s.text += s.decoder->Flush();
+  if (s.on_text && reason != FinishReason::kCancelled &&
+      (s.text.size() > s.streamed || s.ids_streamed < r.token_ids.size())) {
+    std::span<const int32_t> ids(r.token_ids.data() + s.ids_streamed, r.token_ids.size() - s.ids_streamed);
+    s.on_text(std::string_view(s.text).substr(s.streamed), ids);
+    s.streamed = s.text.size();
+    s.ids_streamed = r.token_ids.size();
+  }
+  r.text = std::move(s.text);
+  r.usage.generated_tokens = static_cast<int64_t>(r.token_ids.size());
+  if (s.cache) {
+    int64_t entries = 0;
+    for (int64_t l = 0; l < static_cast<int64_t>(r.compression.kept.size()); ++l) entries += s.cache->entries(l);
+    r.usage.kv_entries = entries;
+    r.usage.kv_bytes = s.cache->bytes_used();
+  }
+  const auto t_end = Clock::now();
+  if (s.prefilled) r.timings.decode = Seconds(s.t_prefill, t_end);
+  r.timings.total = Seconds(s.t0, t_end);
+  s.compressor.reset();
+  s.cache.reset();
+  s.done = true;
+}
+
+// Samples the next token of `s` from `logits` ([vocab] fp32, any device), streams what is
+// complete and closes the sequence when it ends (EOS, stop string, length, client gone).
+void SampleNext(Sequence::State& s, const at::Tensor& logits, const std::vector<int64_t>& eos) {
+  GenerateResult& r = s.result;
+  const GenerateRequest& req = s.request;
+  at::Tensor row = logits.to(at::kCPU).contiguous();  // the sampler reads host memory
+  const int32_t next = s.sampler->Next(row.data_ptr<float>(), row.numel());
+  if (r.token_ids.empty()) r.timings.first_token = Seconds(s.t0, Clock::now());
+  if (std::find(eos.begin(), eos.end(), next) != eos.end()) return Finalize(s, FinishReason::kEos);
+  r.token_ids.push_back(next);
+  s.text += s.decoder->Push(next);
+  const bool last = static_cast<int>(r.token_ids.size()) == req.max_new_tokens;
+  if (last) s.text += s.decoder->Flush();
+  size_t cut = std::string::npos;
+  for (const auto& stop : req.stop) cut = std::min(cut, s.text.find(stop));
+  const bool stopped = cut != std::string::npos;
+  if (stopped) s.text.resize(cut);
+  if (s.on_text) {
+    const size_t ready = stopped ? s.text.size() : s.text.size() - StopHoldback(s.text, req.stop);
+    if (ready > s.streamed) {
+      std::span<const int32_t> ids(r.token_ids.data() + s.ids_streamed, r.token_ids.size() - s.ids_streamed);
+      s.ids_streamed = r.token_ids.size();
+      const bool go_on = s.on_text(std::string_view(s.text).substr(s.streamed, ready - s.streamed), ids);
+      s.streamed = ready;
+      if (!go_on) return Finalize(s, FinishReason::kCancelled);
+    }
+  }
+  if (stopped) return Finalize(s, FinishReason::kStopString);
+  if (last) return Finalize(s, FinishReason::kLength);
+}
+
+}  // namespace
+
+void Sequence::Cancel() { Finalize(*s_, FinishReason::kCancelled); }
+
+int64_t Generator::kv_bytes_per_token() const {
+  const auto& c = impl_->model->config();
+  return 2 * c.head_dim * static_cast<int64_t>(c10::elementSize(impl_->model->dtype())) * c.num_kv_heads *
+         c.num_layers;
+}
+
+int64_t Generator::FreeMemoryBytes() const { return AvailableMemory(impl_->model->device()); }
+
+absl::StatusOr<int64_t> Generator::CreateKvPool(int64_t bytes) {
+  const auto& model = *impl_->model;
+  const bool half = model.dtype() == at::kBFloat16 || model.dtype() == at::kHalf;
+  if (!model.device().is_cuda() || !half) return 0;
+  const auto& c = model.config();
+  const int64_t row_bytes = 2 * c.head_dim * static_cast<int64_t>(c10::elementSize(model.dtype()));  // K and V
+  const int64_t rows = std::min<int64_t>(bytes / row_bytes, std::numeric_limits<int32_t>::max() - 1);
+  if (rows <= 0) return absl::InvalidArgumentError("the KV pool must hold at least one row");
+  try {
+    impl_->pool.reset();
+    impl_->pool = std::make_unique<cache::KvPool>(rows, c.head_dim, model.dtype(), model.device());
+  } catch (const std::exception& e) {
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate a KV pool of ", bytes, " bytes: ", e.what()));
+  }
+  return impl_->pool->bytes();
+}
+
+absl::StatusOr<std::unique_ptr<Sequence>> Generator::Start(const GenerateRequest& request, TextCallback on_text,
+                                                           const PromptTokens* given) {
   if (request.max_new_tokens < 0) return absl::InvalidArgumentError("max_new_tokens must be >= 0");
   if (request.sampling.top_p <= 0.0 || request.sampling.top_p > 1.0)
     return absl::InvalidArgumentError("top_p must be in (0, 1]");
   if (request.sampling.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0");
-  for (const auto& s : request.stop)
-    if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
-  if (auto s = press::CheckRatio(request.compression_ratio); !s.ok()) return s;
+  for (const auto& stop : request.stop)
+    if (stop.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
+  if (auto st = press::CheckRatio(request.compression_ratio); !st.ok()) return st;
   auto press = press::MakePress(request.press, request.press_options);
   if (!press.ok()) return press.status();
-  // Ratio 0 takes the full-cache path whatever the press: nothing is scored or moved.
-  const bool compress = *press != nullptr && request.compression_ratio > 0.0;
 
-  const auto t0 = Clock::now();
-  GenerateResult result;
-  auto prompt = Tokenize(request);
-  if (!prompt.ok()) return prompt.status();
-  const auto t_tok = Clock::now();
-  result.timings.tokenize = Seconds(t0, t_tok);
+  auto state = std::make_unique<Sequence::State>();
+  Sequence::State& s = *state;
+  s.t0 = Clock::now();
+  s.request = request;
+  s.on_text = std::move(on_text);
+  // Ratio 0 takes the full-cache path whatever the press: nothing is scored or moved.
+  if (*press != nullptr && request.compression_ratio > 0.0) s.press = std::move(*press);
+  if (given != nullptr) {
+    s.prompt = *given;
+  } else {
+    auto prompt = Tokenize(request);
+    if (!prompt.ok()) return prompt.status();
+    s.prompt = *std::move(prompt);
+  }
+  s.t_tok = Clock::now();
+  GenerateResult& r = s.result;
+  r.timings.tokenize = Seconds(s.t0, s.t_tok);
 
   const auto& model = *impl_->model;
   const auto& cfg = model.config();
-  const int64_t n_ctx = static_cast<int64_t>(prompt->context.size());
-  const int64_t n_q = static_cast<int64_t>(prompt->question.size());
-  result.usage.context_tokens = n_ctx;
-  result.usage.question_tokens = n_q;
-  if (n_ctx + n_q + request.max_new_tokens > cfg.max_position_embeddings)
-    return absl::OutOfRangeError(absl::StrCat("prompt (", n_ctx + n_q, " tokens) + max_new_tokens (", request.max_new_tokens,
-                                              ") exceeds the model's context of ", cfg.max_position_embeddings, " tokens"));
-  for (int32_t id : prompt->context)
-    if (id < 0 || id >= cfg.vocab_size) return absl::InternalError("tokenizer produced an id outside the vocabulary");
-  if (compress)
-    if (auto s = (*press)->CheckContext(n_ctx); !s.ok()) return s;
-  // The cache is reserved at full size for the whole request: refuse up front what cannot fit,
-  // rather than failing mid-prefill (and possibly starving the process).
-  const int64_t tokens = n_ctx + n_q + request.max_new_tokens;
-  const int64_t entry_bytes = 2 * cfg.head_dim * static_cast<int64_t>(c10::elementSize(model.dtype()));
-  const int64_t needed = tokens * cfg.num_kv_heads * cfg.num_layers * entry_bytes;
-  if (const int64_t avail = AvailableMemory(model.device()); avail >= 0 && needed > avail)
-    return absl::ResourceExhaustedError(absl::StrCat("the KV cache of this request (", tokens, " tokens) needs ", needed,
-                                                     " bytes; ", model.device().str(), " has ", avail, " bytes free"));
-  result.compression.press = (*press::FindPress(request.press))->name;
-  result.compression.compression_ratio = request.compression_ratio;
-  result.compression.context_tokens = n_ctx;
-
+  s.n_ctx = static_cast<int64_t>(s.prompt.context.size());
+  s.n_q = static_cast<int64_t>(s.prompt.question.size());
+  r.usage.context_tokens = s.n_ctx;
+  r.usage.question_tokens = s.n_q;
+  if (s.n_ctx + s.n_q + request.max_new_tokens > cfg.max_position_embeddings)
+    return absl::OutOfRangeError(absl::StrCat("prompt (", s.n_ctx + s.n_q, " tokens) + max_new_tokens (",
+                                              request.max_new_tokens, ") exceeds the model's context of ",
+                                              cfg.max_position_embeddings, " tokens"));
+  for (const auto* ids : {&s.prompt.context, &s.prompt.question})
+    for (int32_t id : *ids)
+      if (id < 0 || id >= cfg.vocab_size) return absl::InternalError("tokenizer produced an id outside the vocabulary");
+  if (s.press)
+    if (auto st = s.press->CheckContext(s.n_ctx); !st.ok()) return st;
+  // The cache is reserved at full size until the context is compressed: refuse up front what
+  // cannot fit, rather than failing mid-prefill (and possibly starving the process).
+  const int64_t tokens = s.n_ctx + s.n_q + request.max_new_tokens;
+  s.peak_bytes = tokens * kv_bytes_per_token();
+  if (impl_->options.check_free_memory)
+    if (const int64_t avail = AvailableMemory(model.device()); avail >= 0 && s.peak_bytes > avail)
+      return absl::ResourceExhaustedError(absl::StrCat("the KV cache of this request (", tokens, " tokens) needs ",
+                                                       s.peak_bytes, " bytes; ", model.device().str(), " has ", avail,
+                                                       " bytes free"));
+  r.compression.press = (*press::FindPress(request.press))->name;
+  r.compression.compression_ratio = request.compression_ratio;
+  r.compression.context_tokens = s.n_ctx;
+  r.compression.kept.assign(cfg.num_layers, std::vector<int64_t>(cfg.num_kv_heads, s.n_ctx));
+  s.sampler.emplace(request.sampling);
+  s.decoder.emplace(*impl_->tokenizer, /*skip_special=*/true);
   try {
     at::InferenceMode inference;
-    auto cache = model.NewCache();
-    cache->Reserve(n_ctx + n_q + request.max_new_tokens);
+    s.cache = model.NewCache(impl_->pool.get());
+    s.cache->Reserve(tokens);
+    if (s.press)
+      s.compressor = std::make_unique<Compressor>(model, *s.cache, *s.press, request.compression_ratio, s.n_ctx,
+                                                  s.n_q + request.max_new_tokens, request.report_kept_positions);
+  } catch (const c10::OutOfMemoryError& e) {
+    return absl::ResourceExhaustedError(absl::StrCat("out of memory reserving the KV cache: ", e.what()));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("reserving the KV cache failed: ", e.what()));
+  }
+  return std::unique_ptr<Sequence>(new Sequence(std::move(state)));
+}
+
+absl::Status Generator::PrefillStep(Sequence& seq) {
+  Sequence::State& s = *seq.s_;
+  if (!seq.prefilling()) return absl::FailedPreconditionError("PrefillStep: the sequence is not prefilling");
+  const auto& model = *impl_->model;
+  const auto& cfg = model.config();
+  const int64_t chunk = impl_->options.prefill_chunk;
+  GenerateResult& r = s.result;
+  try {
+    at::InferenceMode inference;
     auto long_opts = at::TensorOptions().dtype(at::kLong);
-    std::unique_ptr<Compressor> compressor;
-    if (compress)
-      compressor = std::make_unique<Compressor>(model, *cache, **press, request.compression_ratio, n_ctx,
-                                                n_q + request.max_new_tokens, request.report_kept_positions);
     auto run = [&](const std::vector<int32_t>& ids, int64_t begin, int64_t count, int64_t pos,
-                   model::LayerHook* hook = nullptr) {
+                   model::LayerHook* hook) {
       auto t = at::empty({count}, long_opts);
       auto* p = t.data_ptr<int64_t>();
       for (int64_t i = 0; i < count; ++i) p[i] = ids[begin + i];
-      return model.Forward(t, at::arange(pos, pos + count, long_opts), *cache, /*all_logits=*/false, hook);
+      return model.Forward(t, at::arange(pos, pos + count, long_opts), *s.cache, /*all_logits=*/false, hook);
     };
-
-    // Context prefill in chunks (compressed as its last chunk leaves each layer), then the
-    // question at positions continuing from the original context length n_ctx.
     at::Tensor logits;
-    const int64_t chunk = impl_->options.prefill_chunk;
-    auto stop_requested = [&] { return cancelled && cancelled(); };
-    bool stopped = false;
-    for (int64_t b = 0; b < n_ctx && !(stopped = stop_requested()); b += chunk) {
-      const int64_t count = std::min(chunk, n_ctx - b);
-      if (compressor) compressor->set_last_chunk(b + count == n_ctx);
-      logits = run(prompt->context, b, count, b, compressor.get());
-    }
-    const int64_t entries_before = n_ctx * cfg.num_kv_heads * cfg.num_layers;
-    if (compressor && !stopped) {
-      compressor->Finish();
-      result.compression.kept = compressor->kept();
-      result.compression.positions = compressor->positions();
-      result.compression.scoring_seconds = compressor->scoring_seconds();
-      result.compression.compaction_seconds = compressor->compaction_seconds();
-      result.timings.compression = compressor->scoring_seconds() + compressor->compaction_seconds();
-    } else {
-      result.compression.kept.assign(cfg.num_layers, std::vector<int64_t>(cfg.num_kv_heads, n_ctx));
-    }
-    int64_t entries_after = 0;
-    for (const auto& layer : result.compression.kept)
-      for (int64_t n : layer) entries_after += n;
-    result.usage.kv_entries_before = entries_before;
-    result.usage.kv_entries_after = entries_after;
-    result.usage.kv_bytes_before = entries_before * cache->entry_bytes();
-    result.usage.kv_bytes_after = entries_after * cache->entry_bytes();
-
-    for (int64_t b = 0; b < n_q && !stopped && !(stopped = stop_requested()); b += chunk)
-      logits = run(prompt->question, b, std::min(chunk, n_q - b), n_ctx + b);
-    const auto t_prefill = Clock::now();
-    result.timings.prefill = Seconds(t_tok, t_prefill) - result.timings.compression;
-
-    Sampler sampler(request.sampling);
-    const auto& eos = cfg.eos_token_ids;
-    tok::IncrementalDecoder decoder(*impl_->tokenizer, /*skip_special=*/true);
-    std::string text;       // everything decoded so far
-    size_t streamed = 0;    // bytes of `text` handed to on_text
-    size_t ids_streamed = 0;  // ids handed to on_text
-    auto emit = [&](size_t upto) {
-      std::span<const int32_t> ids(result.token_ids.data() + ids_streamed, result.token_ids.size() - ids_streamed);
-      ids_streamed = result.token_ids.size();
-      const bool go_on = on_text(std::string_view(text).substr(streamed, upto - streamed), ids);
-      streamed = upto;
-      return go_on;
-    };
-    int64_t pos = n_ctx + n_q;
-    result.finish_reason = stopped ? FinishReason::kCancelled : FinishReason::kLength;
-    for (int step = 0; step < request.max_new_tokens && !stopped; ++step) {
-      if (step > 0 && stop_requested()) {
-        result.finish_reason = FinishReason::kCancelled;
-        break;
-      }
-      if (step > 0) {
-        logits = run(result.token_ids, static_cast<int64_t>(result.token_ids.size()) - 1, 1, pos++);
-      }
-      at::Tensor row = logits[0].to(at::kCPU).contiguous();  // the sampler reads host memory
-      const int32_t next = sampler.Next(row.data_ptr<float>(), row.numel());
-      if (step == 0) result.timings.first_token = Seconds(t0, Clock::now());
-      if (std::find(eos.begin(), eos.end(), next) != eos.end()) {
-        result.finish_reason = FinishReason::kEos;
-        break;
-      }
-      result.token_ids.push_back(next);
-      text += decoder.Push(next);
-      if (step + 1 == request.max_new_tokens) text += decoder.Flush();
-
-      size_t cut = std::string::npos;
-      for (const auto& s : request.stop) cut = std::min(cut, text.find(s));
-      if (cut != std::string::npos) {
-        text.resize(cut);
-        result.finish_reason = FinishReason::kStopString;
-      }
-      if (on_text) {
-        const size_t ready = result.finish_reason == FinishReason::kStopString
-                                 ? text.size()
-                                 : text.size() - StopHoldback(text, request.stop);
-        if (ready > streamed && !emit(ready)) {
-          result.finish_reason = FinishReason::kCancelled;
-          break;
+    if (s.ctx_done < s.n_ctx) {
+      // Context, compressed as its last chunk leaves each layer.
+      const int64_t count = std::min(chunk, s.n_ctx - s.ctx_done);
+      if (s.compressor) s.compressor->set_last_chunk(s.ctx_done + count == s.n_ctx);
+      logits = run(s.prompt.context, s.ctx_done, count, s.ctx_done, s.compressor.get());
+      s.ctx_done += count;
+      if (s.ctx_done == s.n_ctx) {
+        if (s.compressor) {
+          s.compressor->Finish();
+          r.compression.kept = s.compressor->kept();
+          r.compression.positions = s.compressor->positions();
+          r.compression.scoring_seconds = s.compressor->scoring_seconds();
+          r.compression.compaction_seconds = s.compressor->compaction_seconds();
+          r.timings.compression = s.compressor->scoring_seconds() + s.compressor->compaction_seconds();
+          s.compressor.reset();
         }
+        const int64_t before = s.n_ctx * cfg.num_kv_heads * cfg.num_layers;
+        int64_t after = 0;
+        for (const auto& layer : r.compression.kept)
+          for (int64_t n : layer) after += n;
+        r.usage.kv_entries_before = before;
+        r.usage.kv_entries_after = after;
+        r.usage.kv_bytes_before = before * s.cache->entry_bytes();
+        r.usage.kv_bytes_after = after * s.cache->entry_bytes();
       }
-      if (result.finish_reason == FinishReason::kStopString) break;
+    } else {
+      // The question, at positions continuing from the original context length.
+      const int64_t count = std::min(chunk, s.n_q - s.q_done);
+      logits = run(s.prompt.question, s.q_done, count, s.n_ctx + s.q_done, nullptr);
+      s.q_done += count;
     }
-    if (result.finish_reason == FinishReason::kEos) text += decoder.Flush();
-    if (on_text && result.finish_reason != FinishReason::kCancelled &&
-        (text.size() > streamed || ids_streamed < result.token_ids.size()))
-      emit(text.size());
-    result.text = std::move(text);
-    result.usage.generated_tokens = static_cast<int64_t>(result.token_ids.size());
-    int64_t entries = 0;
-    for (int64_t l = 0; l < cfg.num_layers; ++l) entries += cache->entries(l);
-    result.usage.kv_entries = entries;
-    result.usage.kv_bytes = cache->bytes_used();
-    const auto t_end = Clock::now();
-    result.timings.decode = Seconds(t_prefill, t_end);
-    result.timings.total = Seconds(t0, t_end);
+    if (s.ctx_done == s.n_ctx && s.q_done == s.n_q) {
+      s.prefilled = true;
+      s.t_prefill = Clock::now();
+      r.timings.prefill = Seconds(s.t_tok, s.t_prefill) - r.timings.compression;
+      s.pos = s.n_ctx + s.n_q;
+      if (s.request.max_new_tokens == 0) Finalize(s, FinishReason::kLength);
+      else SampleNext(s, logits[0], cfg.eos_token_ids);
+    }
   } catch (const c10::OutOfMemoryError& e) {
-    return absl::ResourceExhaustedError(absl::StrCat("out of memory during generation: ", e.what()));
+    return absl::ResourceExhaustedError(absl::StrCat("out of memory during prefill: ", e.what()));
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("generation failed: ", e.what()));
+    return absl::InternalError(absl::StrCat("prefill failed: ", e.what()));
   }
-  return result;
+  return absl::OkStatus();
+}
+
+absl::Status Generator::DecodeStep(const std::vector<Sequence*>& batch) {
+  if (batch.empty()) return absl::OkStatus();
+  const auto& model = *impl_->model;
+  const int64_t b = static_cast<int64_t>(batch.size());
+  std::vector<cache::KvCache*> caches;
+  caches.reserve(b);
+  try {
+    at::InferenceMode inference;
+    auto ids = at::empty({b}, at::kLong), positions = at::empty({b}, at::kLong);
+    for (int64_t i = 0; i < b; ++i) {
+      Sequence::State& s = *batch[i]->s_;
+      if (s.done || !s.prefilled || s.result.token_ids.empty())
+        return absl::FailedPreconditionError("DecodeStep: a sequence is not ready to decode");
+      ids.data_ptr<int64_t>()[i] = s.result.token_ids.back();
+      positions.data_ptr<int64_t>()[i] = s.pos++;
+      caches.push_back(s.cache.get());
+    }
+    at::Tensor logits = model.ForwardBatch(ids, positions, caches);  // [B, vocab]
+    if (b > 1) logits = logits.to(at::kCPU);                          // one copy for the batch
+    for (int64_t i = 0; i < b; ++i) SampleNext(*batch[i]->s_, logits[i], model.config().eos_token_ids);
+  } catch (const c10::OutOfMemoryError& e) {
+    return absl::ResourceExhaustedError(absl::StrCat("out of memory during decode: ", e.what()));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("decode failed: ", e.what()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& request, const TextCallback& on_text,
+                                                   const CancelCheck& cancelled) {
+  auto seq = Start(request, on_text);
+  if (!seq.ok()) return seq.status();
+  Sequence& s = **seq;
+  auto stop_requested = [&] { return cancelled && cancelled(); };
+  while (s.prefilling()) {
+    if (stop_requested()) {
+      s.Cancel();
+      break;
+    }
+    if (auto st = PrefillStep(s); !st.ok()) return st;
+  }
+  while (!s.done()) {
+    if (stop_requested()) {
+      s.Cancel();
+      break;
+    }
+    if (auto st = DecodeStep({&s}); !st.ok()) return st;
+  }
+  return s.TakeResult();
 }
 
 }  // namespace defkv::engine

@@ -98,6 +98,12 @@ struct EngineOptions {
   std::string dtype = "auto";  // "auto" (float32 on CPU, the checkpoint's on CUDA), "float32", "bfloat16", "float16"
   int threads = 0;             // CPU intra-op threads; 0 = all cores
   int prefill_chunk = 512;     // context tokens per prefill step
+  // Refuse a request whose full-size cache exceeds the device's (or host's) free memory now.
+  // The server turns it off: it admits requests against a KV budget of its own.
+  bool check_free_memory = true;
+  // Benchmarks of real shapes without checkpoints: weights drawn at random (N(0, 0.02), seed 0)
+  // for model_dir's config.json; the tokenizer files are still read from model_dir.
+  bool random_weights = false;
   std::function<void(size_t done_bytes, size_t total_bytes)> load_progress;
 };
 
@@ -116,6 +122,37 @@ struct PromptTokens {
   std::vector<int32_t> question;
 };
 
+class Generator;
+
+// One request generated step by step, so that many can share each decode step (continuous
+// batching): Generator::Start makes it, PrefillStep runs its prompt one chunk at a time and
+// DecodeStep advances a whole batch of them by one token. Not thread-safe, like the Generator.
+class Sequence {
+ public:
+  ~Sequence();
+  Sequence(const Sequence&) = delete;
+  Sequence& operator=(const Sequence&) = delete;
+
+  bool prefilling() const;  // prompt chunks remain
+  bool done() const;        // finished: result() is final and the cache is freed
+  // K/V storage it holds now, and the most it can hold: the full-size reservation, held until
+  // the context has been compressed (then it shrinks to kept + question + max_new_tokens).
+  int64_t kv_bytes_reserved() const;
+  int64_t kv_bytes_peak() const;
+  int64_t prompt_tokens() const;  // context + question
+  // Ends the request now with FinishReason::kCancelled and frees its cache.
+  void Cancel();
+  const GenerateResult& result() const;
+  GenerateResult TakeResult();
+
+  struct State;  // opaque outside generator.cpp
+
+ private:
+  friend class Generator;
+  explicit Sequence(std::unique_ptr<State> state);
+  std::unique_ptr<State> s_;
+};
+
 class Generator {
  public:
   static absl::StatusOr<std::unique_ptr<Generator>> Create(const EngineOptions& options);
@@ -125,6 +162,28 @@ class Generator {
   // Not thread-safe: one engine thread owns a Generator.
   absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request, const TextCallback& on_text = {},
                                           const CancelCheck& cancelled = {});
+
+  // Step-wise generation (what Generate does, one step at a time). Start validates and
+  // tokenizes the request and reserves its cache; errors here are the request's own.
+  // `prompt`, when given, is Tokenize(request) done earlier (the server sizes requests first).
+  absl::StatusOr<std::unique_ptr<Sequence>> Start(const GenerateRequest& request, TextCallback on_text = {},
+                                                  const PromptTokens* prompt = nullptr);
+  // Runs the next prompt chunk of `seq`: the context in prefill_chunk pieces (compressed after
+  // the last one), then the question; after the last chunk the first token is sampled.
+  absl::Status PrefillStep(Sequence& seq);
+  // Decodes one token for every sequence of `batch` (each done prefilling and not done) in one
+  // forward pass. An error fails the step, not a particular sequence: the caller ends them all.
+  absl::Status DecodeStep(const std::vector<Sequence*>& batch);
+  // K and V bytes one token takes across all layers and kv heads.
+  int64_t kv_bytes_per_token() const;
+  // Bytes a new allocation can take on the model's device now (CUDA free memory, or the host's
+  // MemAvailable); -1 when unknown.
+  int64_t FreeMemoryBytes() const;
+  // On a CUDA device in half precision: allocates a KV pool of about `bytes` (K and V) that the
+  // caches of later Start()s take their rows from, so that DecodeStep attends over the whole
+  // batch with one kernel per layer. Returns the pool's bytes, or 0 when no pool applies (CPU,
+  // fp32: each cache allocates its own tensors).
+  absl::StatusOr<int64_t> CreateKvPool(int64_t bytes);
   const ModelInfo& info() const;
 
  private:

@@ -167,9 +167,9 @@ absl::Status Transformer::Build(const WeightSource& get) {
   return absl::OkStatus();
 }
 
-std::unique_ptr<cache::HeadwiseCache> Transformer::NewCache() const {
+std::unique_ptr<cache::HeadwiseCache> Transformer::NewCache(cache::KvPool* pool) const {
   return std::make_unique<cache::HeadwiseCache>(config_.num_layers, config_.num_kv_heads, config_.head_dim,
-                                                dtype_, device_);
+                                                dtype_, device_, pool);
 }
 
 at::Tensor Transformer::PreRopeQueries(int64_t l, const at::Tensor& x_norm) const {
@@ -191,9 +191,46 @@ at::Tensor Transformer::RmsNorm(const at::Tensor& x, const at::Tensor& w) const 
 
 at::Tensor Transformer::Forward(const at::Tensor& ids, const at::Tensor& positions, cache::KvCache& cache,
                                 bool all_logits, LayerHook* hook) const {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
+  return Run(ids, positions, all_logits, hook,
+             [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+               return cache.AppendAndAttend(l, q, k, v, scale);
+             });
+}
+
+at::Tensor Transformer::ForwardBatch(const at::Tensor& ids, const at::Tensor& positions,
+                                     const std::vector<cache::KvCache*>& caches) const {
+  const int64_t b = ids.size(0);
+  TORCH_CHECK(static_cast<int64_t>(caches.size()) == b && positions.size(0) == b, "ForwardBatch: ", b, " ids, ",
+              positions.size(0), " positions, ", caches.size(), " caches");
+  const double scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
+  // Caches sharing one pool on the GPU: one scatter and one flash call per layer for all of them.
+  std::vector<cache::HeadwiseCache*> pooled;
+  for (auto* c : caches) {
+    auto* hc = dynamic_cast<cache::HeadwiseCache*>(c);
+    if (hc == nullptr || !hc->batchable() || hc->pool() != dynamic_cast<cache::HeadwiseCache*>(caches[0])->pool()) {
+      pooled.clear();
+      break;
+    }
+    pooled.push_back(hc);
+  }
+  return Run(ids, positions, /*all_logits=*/true, nullptr,
+             [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+               if (b > 1 && !pooled.empty()) return cache::HeadwiseCache::AppendAndAttendBatch(pooled, l, q, k, v, scale);
+               if (b == 1) return caches[0]->AppendAndAttend(l, q, k, v, scale);
+               std::vector<at::Tensor> outs;
+               outs.reserve(b);
+               for (int64_t i = 0; i < b; ++i)
+                 outs.push_back(caches[i]->AppendAndAttend(l, q.narrow(1, i, 1).contiguous(), k.narrow(1, i, 1).contiguous(),
+                                                           v.narrow(1, i, 1).contiguous(), scale));
+               return at::cat(outs, 1);
+             });
+}
+
+at::Tensor Transformer::Run(const at::Tensor& ids, const at::Tensor& positions, bool all_logits, LayerHook* hook,
+                            const Attend& attend) const {
   const ModelConfig& c = config_;
   const int64_t t = ids.size(0), d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   auto [cos, sin] = rope_.Tables(positions.to(device_), dtype_);
 
   at::Tensor x = at::embedding(embed_, ids.to(device_));  // [T, hidden]
@@ -211,7 +248,7 @@ at::Tensor Transformer::Forward(const at::Tensor& ids, const at::Tensor& positio
     }
     q = Rope::Apply(q.transpose(0, 1), cos, sin);  // [H, T, D]
     k = Rope::Apply(k.transpose(0, 1), cos, sin);
-    at::Tensor attn = cache.AppendAndAttend(l, q, k, v, scale);  // [H_q, T, D]
+    at::Tensor attn = attend(l, q, k, v);  // [H_q, T, D]
     if (hook != nullptr) hook->AfterAttention(l, x_norm);
     x = x + at::linear(attn.transpose(0, 1).reshape({t, hq * d}), L.w_o, L.b_o);
 

@@ -60,6 +60,11 @@ class Transformer {
   // `cache`. Returns fp32 logits [T, vocab] when all_logits, else [1, vocab] for the last token.
   at::Tensor Forward(const at::Tensor& ids, const at::Tensor& positions, cache::KvCache& cache,
                      bool all_logits = false, LayerHook* hook = nullptr) const;
+  // One decode step of B independent sequences: token ids[b] (int64) at positions[b] extends
+  // caches[b]. The projections and MLPs run batched over the B tokens (the weights are read
+  // once per step); attention runs per sequence over its own cache. Returns fp32 logits [B, vocab].
+  at::Tensor ForwardBatch(const at::Tensor& ids, const at::Tensor& positions,
+                          const std::vector<cache::KvCache*>& caches) const;
 
   // Queries before RoPE for attention inputs x_norm [T, hidden]: [H_q, T, D] (bias and q_norm
   // applied), as the layer computes them.
@@ -71,7 +76,7 @@ class Transformer {
   at::ScalarType dtype() const { return dtype_; }
   at::Device device() const { return device_; }
   size_t weight_bytes() const { return weight_bytes_; }
-  std::unique_ptr<cache::HeadwiseCache> NewCache() const;
+  std::unique_ptr<cache::HeadwiseCache> NewCache(cache::KvPool* pool = nullptr) const;
 
  private:
   Transformer(ModelConfig cfg, at::Device device, at::ScalarType dtype);
@@ -79,6 +84,11 @@ class Transformer {
   using WeightSource = std::function<absl::StatusOr<at::Tensor>(const std::string&, std::vector<int64_t>, bool)>;
   absl::Status Build(const WeightSource& get);
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w) const;
+  // The layer stack over tokens ids [T] at positions [T]; `attend(layer, q, k, v)` stores k/v
+  // ([H_kv, T, D]) and returns the attention of q ([H_q, T, D]) as [H_q, T, D].
+  using Attend = std::function<at::Tensor(int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
+  at::Tensor Run(const at::Tensor& ids, const at::Tensor& positions, bool all_logits, LayerHook* hook,
+                 const Attend& attend) const;
 
   ModelConfig config_;
   at::Device device_;
