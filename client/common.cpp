@@ -1,6 +1,7 @@
 #include "client/common.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -66,6 +67,29 @@ std::shared_ptr<grpc::ChannelCredentials> Credentials(const Args& a, std::string
 std::string BearerToken(const Args& a) {
   const char* env = std::getenv("DEFKV_TOKEN");
   return Last(a, "token", env ? env : "");
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& addr, std::shared_ptr<grpc::ChannelCredentials> creds,
+                                           grpc::ChannelArguments args) {
+  args.SetMaxReceiveMessageSize(64 << 20);
+  args.SetMaxSendMessageSize(64 << 20);
+  return grpc::CreateCustomChannel(addr, std::move(creds), args);
+}
+
+void PrepareContext(grpc::ClientContext& ctx, const std::string& token, double timeout_s) {
+  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+  if (timeout_s > 0)
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                                                            std::chrono::duration<double>(timeout_s)));
+}
+
+const char* StatusCodeName(grpc::StatusCode code) {
+  static constexpr const char* kNames[] = {
+      "OK",        "CANCELLED",         "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+      "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
 }
 
 }  // namespace defkv::client

@@ -66,13 +66,8 @@ exit code: the gRPC status code (0 OK, 3 INVALID_ARGUMENT, 4 DEADLINE_EXCEEDED, 
 const std::vector<std::string> kSwitches = {"stream", "json", "no-chat-template", "help"};
 
 int Fail(const grpc::Status& s) {
-  static const char* kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-                                 "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-                                 "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-                                 "UNAUTHENTICATED"};
-  const int code = static_cast<int>(s.error_code());
-  std::cerr << "defkv: " << (code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN") << ": " << s.error_message() << "\n";
-  return code;
+  std::cerr << "defkv: " << defkv::client::StatusCodeName(s.error_code()) << ": " << s.error_message() << "\n";
+  return static_cast<int>(s.error_code());
 }
 
 int UsageError(const std::string& msg) {
@@ -92,18 +87,10 @@ std::string ToJson(const google::protobuf::Message& m) {
 class Client {
  public:
   Client(const std::string& addr, double timeout_s, std::shared_ptr<grpc::ChannelCredentials> creds, std::string token)
-      : timeout_s_(timeout_s), token_(std::move(token)) {
-    grpc::ChannelArguments ch;
-    ch.SetMaxReceiveMessageSize(64 << 20);
-    channel_ = grpc::CreateCustomChannel(addr, creds, ch);
-  }
+      : timeout_s_(timeout_s), token_(std::move(token)), channel_(defkv::client::MakeChannel(addr, std::move(creds))) {}
   std::unique_ptr<grpc::ClientContext> Context() const {
     auto ctx = std::make_unique<grpc::ClientContext>();
-    if (!token_.empty()) ctx->AddMetadata("authorization", "Bearer " + token_);
-    if (timeout_s_ > 0)
-      ctx->set_deadline(std::chrono::system_clock::now() +
-                        std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                            std::chrono::duration<double>(timeout_s_)));
+    defkv::client::PrepareContext(*ctx, token_, timeout_s_);
     return ctx;
   }
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }

@@ -105,27 +105,19 @@ std::string Clock(double s) {
 class Server {
  public:
   Server(const std::string& addr, double timeout_s, std::shared_ptr<grpc::ChannelCredentials> creds, std::string token)
-      : timeout_s_(timeout_s), token_(std::move(token)) {
-    grpc::ChannelArguments ch;
-    ch.SetMaxReceiveMessageSize(64 << 20);
-    ch.SetMaxSendMessageSize(64 << 20);
-    stub_ = pb::DefKV::NewStub(grpc::CreateCustomChannel(addr, creds, ch));
-  }
+      : timeout_s_(timeout_s),
+        token_(std::move(token)),
+        stub_(pb::DefKV::NewStub(defkv::client::MakeChannel(addr, std::move(creds)))) {}
 
   grpc::Status Generate(const pb::GenerateRequest& req, pb::GenerateResponse* resp) const {
     grpc::ClientContext ctx;
-    if (!token_.empty()) ctx.AddMetadata("authorization", "Bearer " + token_);
-    if (timeout_s_ > 0)
-      ctx.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                           std::chrono::duration<double>(timeout_s_)));
+    defkv::client::PrepareContext(ctx, token_, timeout_s_);
     return stub_->Generate(&ctx, req, resp);
   }
 
   grpc::Status Info(pb::ModelInfo* info) const {
     grpc::ClientContext ctx;
-    if (!token_.empty()) ctx.AddMetadata("authorization", "Bearer " + token_);
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    defkv::client::PrepareContext(ctx, token_, 30);
     return stub_->GetModelInfo(&ctx, pb::GetModelInfoRequest(), info);
   }
 
