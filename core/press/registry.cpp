@@ -19,7 +19,10 @@ class Options {
   absl::Status Parse(const PressInfo& info, const std::map<std::string, std::string>& given) {
     for (const auto& o : info.options) text_[o.name] = o.default_value;
     for (const auto& [k, v] : given) {
-      auto it = std::find_if(info.options.begin(), info.options.end(), [&](const auto& o) { return o.name == k; });
+      // The name is captured by an init-capture: clang 14 (the sanitizer builds) cannot capture a
+      // structured binding.
+      auto it = std::find_if(info.options.begin(), info.options.end(),
+                             [&name = k](const auto& o) { return o.name == name; });
       if (it == info.options.end()) {
         std::vector<std::string> names;
         for (const auto& o : info.options) names.push_back(o.name);

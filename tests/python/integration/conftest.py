@@ -2,45 +2,16 @@
 real defkv-server processes on 127.0.0.1 (free ports, the stories260K model)."""
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
-from server_harness import MAX_CONTEXT_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_RECEIVE_BYTES, Server
-
-HERE = pathlib.Path(__file__).resolve().parent
+from server_harness import MAX_CONTEXT_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_RECEIVE_BYTES, Server, generate_stubs
 
 
 @pytest.fixture(scope="session")
 def pb(repo_root, tmp_path_factory):
     """The generated modules: pb.defkv (messages), pb.defkv_grpc, pb.health(_grpc), pb.reflection(_grpc)."""
-    from grpc_tools import protoc
-    import grpc_tools
-
-    out = tmp_path_factory.mktemp("pb")
-    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    # health and reflection are compiled from their own folders so their modules are top-level
-    # (a generated `grpc/` package would shadow the grpc library).
-    jobs = [
-        (repo_root / "proto", "defkv/v1/defkv.proto"),
-        (repo_root / "proto" / "grpc" / "health" / "v1", "health.proto"),
-        (HERE / "protos", "reflection.proto"),
-    ]
-    for root, rel in jobs:
-        rc = protoc.main(["protoc", f"-I{root}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", rel])
-        assert rc == 0, f"protoc failed on {rel}"
-    sys.path.insert(0, str(out))
-    import importlib
-
-    class Modules:
-        defkv = importlib.import_module("defkv.v1.defkv_pb2")
-        defkv_grpc = importlib.import_module("defkv.v1.defkv_pb2_grpc")
-        health = importlib.import_module("health_pb2")
-        health_grpc = importlib.import_module("health_pb2_grpc")
-        reflection = importlib.import_module("reflection_pb2")
-        reflection_grpc = importlib.import_module("reflection_pb2_grpc")
-
-    return Modules
+    return generate_stubs(repo_root, tmp_path_factory.mktemp("pb"))
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,46 @@
-"""Helpers shared by the integration tests: free ports, a defkv-server process, the shared
-server's limits and the test inputs. (Fixtures live in conftest.py.)"""
+"""Helpers shared by the integration tests and the soak (soak.py): the generated stubs, free ports,
+a defkv-server process, the shared server's limits and the test inputs. (Fixtures live in
+conftest.py.)"""
+import importlib
 import json
 import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def generate_stubs(repo_root: pathlib.Path, out: pathlib.Path):
+    """Compiles the protos into `out` and returns the modules: .defkv (messages), .defkv_grpc,
+    .health(_grpc), .reflection(_grpc)."""
+    from grpc_tools import protoc
+    import grpc_tools
+
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    # health and reflection are compiled from their own folders so their modules are top-level
+    # (a generated `grpc/` package would shadow the grpc library).
+    jobs = [
+        (repo_root / "proto", "defkv/v1/defkv.proto"),
+        (repo_root / "proto" / "grpc" / "health" / "v1", "health.proto"),
+        (HERE / "protos", "reflection.proto"),
+    ]
+    for root, rel in jobs:
+        rc = protoc.main(["protoc", f"-I{root}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", rel])
+        assert rc == 0, f"protoc failed on {rel}"
+    sys.path.insert(0, str(out))
+
+    class Modules:
+        defkv = importlib.import_module("defkv.v1.defkv_pb2")
+        defkv_grpc = importlib.import_module("defkv.v1.defkv_pb2_grpc")
+        health = importlib.import_module("health_pb2")
+        health_grpc = importlib.import_module("health_pb2_grpc")
+        reflection = importlib.import_module("reflection_pb2")
+        reflection_grpc = importlib.import_module("reflection_pb2_grpc")
+
+    return Modules
 
 
 def free_port() -> int:
