@@ -26,6 +26,23 @@ at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::T
   return out.squeeze(0);
 }
 
+namespace {
+
+// Capacities that let every segment take `t` more entries: a segment out of reserved room
+// doubles (or grows to fit). Empty when every segment already has the room.
+std::vector<int64_t> GrownCapacities(const std::vector<int64_t>& length, const std::vector<int64_t>& capacity,
+                                     int64_t t) {
+  bool full = false;
+  for (size_t h = 0; h < length.size(); ++h) full |= length[h] + t > capacity[h];
+  if (!full) return {};
+  std::vector<int64_t> cap = capacity;
+  for (size_t h = 0; h < length.size(); ++h)
+    if (length[h] + t > cap[h]) cap[h] = std::max(length[h] + t, 2 * cap[h]);
+  return cap;
+}
+
+}  // namespace
+
 HeadwiseCache::HeadwiseCache(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, at::ScalarType dtype,
                              at::Device device, KvPool* pool)
     : num_kv_heads_(num_kv_heads), head_dim_(head_dim), dtype_(dtype), device_(device), pool_(pool),
@@ -105,14 +122,7 @@ at::Tensor HeadwiseCache::AppendAndAttend(int64_t layer, const at::Tensor& q, co
                                           const at::Tensor& v, double scale) {
   Layer& L = layers_[layer];
   const int64_t t = k.size(1);
-  bool full = false;
-  for (int64_t h = 0; h < num_kv_heads_; ++h) full |= L.length[h] + t > L.capacity[h];
-  if (full) {  // out of reserved room: double every segment that needs it
-    std::vector<int64_t> cap = L.capacity;
-    for (int64_t h = 0; h < num_kv_heads_; ++h)
-      if (L.length[h] + t > cap[h]) cap[h] = std::max(L.length[h] + t, 2 * cap[h]);
-    Relayout(layer, cap);
-  }
+  if (auto cap = GrownCapacities(L.length, L.capacity, t); !cap.empty()) Relayout(layer, cap);
   const bool flash = device_.is_cuda() && (dtype_ == at::kBFloat16 || dtype_ == at::kHalf);
   if (L.uniform) {
     const int64_t cap = L.capacity[0], len = L.length[0];
@@ -174,14 +184,7 @@ at::Tensor HeadwiseCache::AppendAndAttendBatch(const std::vector<HeadwiseCache*>
     TORCH_CHECK(c.pool_ == pool && c.batchable() && c.num_kv_heads_ == heads,
                 "AppendAndAttendBatch: every cache must come from the same pool on a CUDA device");
     Layer& L = c.layers_[layer];
-    bool full = false;
-    for (int64_t h = 0; h < heads; ++h) full |= L.length[h] + 1 > L.capacity[h];
-    if (full) {  // out of reserved room: double every segment that needs it
-      std::vector<int64_t> cap = L.capacity;
-      for (int64_t h = 0; h < heads; ++h)
-        if (L.length[h] + 1 > cap[h]) cap[h] = std::max(L.length[h] + 1, 2 * cap[h]);
-      c.Relayout(layer, cap);
-    }
+    if (auto cap = GrownCapacities(L.length, L.capacity, 1); !cap.empty()) c.Relayout(layer, cap);
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t first = L.pool_start + L.offset[h], j = i * heads + h;
       dst[j] = first + L.length[h];
