@@ -103,6 +103,7 @@ void EngineLoop::ThreadMain() {
         load_status_ = pool.status();
       } else if (*pool > 0) {
         pool_bytes_ = *pool;
+        cuda_graphs_ = generator_->decode_graphs_enabled();
         limits_.kv_cache_bytes = static_cast<int64_t>(0.95 * static_cast<double>(*pool));
       }
       metrics_.kv_budget().Set(static_cast<double>(limits_.kv_cache_bytes));
@@ -273,6 +274,7 @@ void EngineLoop::Finish(Active& a, absl::Status status) {
 }
 
 void EngineLoop::Iterate() {
+  if (stats_.iterations == 0) stats_.since = Clock::now();  // a busy period starts
   try {
     while (AdmitOne()) {
     }
@@ -289,12 +291,18 @@ void EngineLoop::Iterate() {
       if (!a->stop_reason.ok()) a->seq->Cancel();
     }
     // One prefill chunk (of the one request being prefilled), then one decode step for all.
+    const auto t_start = Clock::now();
+    bool chunk = false;
     for (auto& a : running_) {
       if (!a->seq->prefilling()) continue;
+      chunk = true;
+      const int64_t fed = a->seq->tokens_fed();
       if (auto st = generator_->PrefillStep(*a->seq); !st.ok()) {
         a->seq->Cancel();
         Finish(*a, st);
         a->job.reset();
+      } else {
+        stats_.prefill_tokens += a->seq->tokens_fed() - fed;
       }
       break;
     }
@@ -307,7 +315,18 @@ void EngineLoop::Iterate() {
       }
     if (!batch.empty()) {
       metrics_.DecodeBatch(static_cast<double>(batch.size()));
-      if (auto st = generator_->DecodeStep(batch); !st.ok()) {
+      const auto st = generator_->DecodeStep(batch);
+      const double took = SecondsBetween(t_start, Clock::now());
+      ++stats_.decode_steps;
+      stats_.decode_tokens += static_cast<int64_t>(batch.size());
+      stats_.max_batch = std::max<int64_t>(stats_.max_batch, static_cast<int64_t>(batch.size()));
+      if (chunk) {
+        ++stats_.mixed_steps;
+        stats_.mixed_s += took;
+      } else {
+        stats_.decode_s += took;
+      }
+      if (!st.ok()) {
         // A failed step cannot be pinned on one request: every request in it ends with the error.
         for (Active* a : in_batch) {
           a->seq->Cancel();
@@ -335,6 +354,39 @@ void EngineLoop::Iterate() {
   std::erase_if(running_, [](const std::unique_ptr<Active>& a) { return a->job == nullptr; });
   if (running_.size() != before) SampleDeviceMemory();
   UpdateGauges();
+  ++stats_.iterations;
+  LogStats(running_.empty());
+}
+
+void EngineLoop::LogStats(bool force) {
+  const double interval = limits_.stats_interval_seconds;
+  const auto now = Clock::now();
+  const double span = SecondsBetween(stats_.since, now);
+  if (interval <= 0 || stats_.iterations == 0 || (span < interval && !force)) return;
+  if (span < 1.0) {  // going idle after a short burst: not worth a line
+    stats_ = StepStats{};
+    return;
+  }
+  const int64_t alone = stats_.decode_steps - stats_.mixed_steps;
+  int waiting;
+  {
+    std::lock_guard lock(mu_);
+    waiting = static_cast<int>(queue_.size());
+  }
+  LogEvent(spdlog::level::info, "engine stats",
+           {{"interval_s", span},
+            {"iterations", stats_.iterations},
+            {"running", running_.size()},
+            {"waiting", waiting},
+            {"decode_steps", stats_.decode_steps},
+            {"max_batch", stats_.max_batch},
+            {"mean_batch", stats_.decode_steps > 0 ? static_cast<double>(stats_.decode_tokens) / stats_.decode_steps : 0.0},
+            {"decode_step_ms", alone > 0 ? 1e3 * stats_.decode_s / alone : 0.0},
+            {"step_with_prefill_ms", stats_.mixed_steps > 0 ? 1e3 * stats_.mixed_s / stats_.mixed_steps : 0.0},
+            {"steps_with_prefill", stats_.mixed_steps},
+            {"decode_tokens_per_s", stats_.decode_tokens / span},
+            {"prefill_tokens_per_s", stats_.prefill_tokens / span}});
+  stats_ = StepStats{};
 }
 
 void EngineLoop::UpdateGauges() {

@@ -67,6 +67,9 @@ struct EngineLimits {
   // (the GPU's free memory, or MemAvailable on the host).
   int64_t kv_cache_bytes = 0;
   double kv_cache_fraction = 0.9;
+  // While requests run, an "engine stats" log line this often: iterations, decode steps and
+  // their mean time (alone and with a prefill chunk), decode and prefill tokens/s. 0: never.
+  double stats_interval_seconds = 10;
 };
 
 class EngineLoop {
@@ -85,6 +88,8 @@ class EngineLoop {
   // Valid once Start() succeeded.
   int64_t kv_budget_bytes() const { return limits_.kv_cache_bytes; }
   int64_t kv_pool_bytes() const { return pool_bytes_; }  // 0: no pool (CPU)
+  // Whether batched decode steps replay as CUDA graphs (a pool on CUDA, --cuda_graph_max_batch > 0).
+  bool cuda_graphs() const { return cuda_graphs_; }
 
   // Queues a job: UNAVAILABLE while loading or draining, RESOURCE_EXHAUSTED when the queue is full.
   // On error the job's callbacks are never called.
@@ -119,6 +124,16 @@ class EngineLoop {
   EngineLimits limits_;
   Metrics& metrics_;
   std::unique_ptr<engine::Generator> generator_;  // touched by the engine thread only
+  bool cuda_graphs_ = false;                       // set with pool_bytes_ while loading
+  // Engine-thread counters behind the "engine stats" line, reset each time it is written.
+  struct StepStats {
+    Clock::time_point since = Clock::now();
+    int64_t iterations = 0, decode_steps = 0, decode_tokens = 0, prefill_tokens = 0;
+    int64_t mixed_steps = 0;            // decode steps of iterations that also ran a prefill chunk
+    double decode_s = 0, mixed_s = 0;   // time in decode-only iterations / in those with a chunk
+    int64_t max_batch = 0;
+  } stats_;
+  void LogStats(bool force);
   engine::ModelInfo info_;
   int64_t kv_bytes_per_token_ = 0;  // K+V bytes of one token across layers and kv heads
   int64_t pool_bytes_ = 0;

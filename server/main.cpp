@@ -41,6 +41,10 @@ ABSL_FLAG(int, max_queue, 64, "requests allowed to wait for admission; more get 
 ABSL_FLAG(bool, random_weights, false,
           "benchmarking: random weights of --model's config.json shape (no safetensors needed; tokenizer still read)");
 ABSL_FLAG(int, max_batch, 64, "requests running at once in the continuous batch (decoding or being prefilled)");
+ABSL_FLAG(double, stats_interval_s, 10,
+          "while requests run, log an \"engine stats\" line (decode step times, batch, tokens/s) this often; 0: never");
+ABSL_FLAG(int, cuda_graph_max_batch, 64,
+          "on CUDA, decode steps of up to this many requests replay as CUDA graphs (0: off)");
 ABSL_FLAG(int64_t, kv_cache_bytes, 0,
           "KV memory budget of the running batch in bytes (0: --kv_cache_fraction of the memory free after loading)");
 ABSL_FLAG(double, kv_cache_fraction, 0.9,
@@ -128,6 +132,7 @@ int Run() {
   engine_options.threads = absl::GetFlag(FLAGS_threads);
   engine_options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   engine_options.random_weights = absl::GetFlag(FLAGS_random_weights);
+  engine_options.cuda_graph_max_batch = absl::GetFlag(FLAGS_cuda_graph_max_batch);
   const std::string host = absl::GetFlag(FLAGS_host);
   const std::string metrics_host = absl::GetFlag(FLAGS_metrics_host).empty() ? host : absl::GetFlag(FLAGS_metrics_host);
   auto credentials = ServerCredentials();
@@ -162,8 +167,11 @@ int Run() {
   limits.max_batch = absl::GetFlag(FLAGS_max_batch);
   limits.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
   limits.kv_cache_fraction = absl::GetFlag(FLAGS_kv_cache_fraction);
-  if (limits.max_batch < 1 || limits.kv_cache_bytes < 0 || !(limits.kv_cache_fraction > 0 && limits.kv_cache_fraction <= 1)) {
-    LogEvent(err, "bad flags", {{"error", "--max_batch must be >= 1, --kv_cache_bytes >= 0, --kv_cache_fraction in (0, 1]"}});
+  limits.stats_interval_seconds = absl::GetFlag(FLAGS_stats_interval_s);
+  if (limits.max_batch < 1 || limits.kv_cache_bytes < 0 || !(limits.kv_cache_fraction > 0 && limits.kv_cache_fraction <= 1) ||
+      !(limits.stats_interval_seconds >= 0) || engine_options.cuda_graph_max_batch < 0) {
+    LogEvent(err, "bad flags", {{"error", "--max_batch must be >= 1, --kv_cache_bytes >= 0, --kv_cache_fraction in (0, 1], "
+                                          "--stats_interval_s >= 0, --cuda_graph_max_batch >= 0"}});
     return 2;
   }
   EngineLoop engine(engine_options, limits, metrics);
@@ -209,7 +217,7 @@ int Run() {
             {"device", mi.device}, {"dtype", mi.dtype}, {"weight_bytes", mi.weight_bytes},
             {"load_s", mi.load_seconds}, {"max_context_tokens", engine.max_context_tokens()},
             {"kv_budget_bytes", engine.kv_budget_bytes()}, {"kv_pool_bytes", engine.kv_pool_bytes()},
-            {"max_batch", limits.max_batch}});
+            {"max_batch", limits.max_batch}, {"cuda_graphs", engine.cuda_graphs()}});
   SetHealth(*server, true);
   LogEvent(info, "serving", {{"address", absl::StrCat(host, ":", port)},
                              {"startup_s", SecondsBetween(started, Clock::now())}});

@@ -173,7 +173,7 @@ at::Tensor HeadwiseCache::AppendAndAttendBatch(const std::vector<HeadwiseCache*>
   TORCH_CHECK(!caches.empty(), "AppendAndAttendBatch: no caches");
   KvPool* pool = caches[0]->pool_;
   const int64_t b = static_cast<int64_t>(caches.size()), heads = caches[0]->num_kv_heads_;
-  const int64_t d = caches[0]->head_dim_, group = q.size(0) / heads, n = b * heads;
+  const int64_t n = b * heads;
   const at::Device device = caches[0]->device_;
   // Segment i * H + h is kv head h of cache i: its first pool row, and its length after the append.
   std::vector<int64_t> dst(n);
@@ -201,13 +201,61 @@ at::Tensor HeadwiseCache::AppendAndAttendBatch(const std::vector<HeadwiseCache*>
   at::Tensor meta_t = at::from_blob(meta.data(), {2 * n + 1}, at::TensorOptions().dtype(at::kInt)).to(device);
   at::Tensor cu_k = meta_t.narrow(0, 0, n + 1), used = meta_t.narrow(0, n + 1, n);
   at::Tensor cu_q = at::arange(0, n + 1, at::TensorOptions().dtype(at::kInt).device(device));
+  return AttendPlanned(*pool, dst_t, cu_k, used, cu_q, max_k, q, k, v, scale);
+}
 
+HeadwiseCache::BatchPlan HeadwiseCache::PlanBatch(const std::vector<HeadwiseCache*>& caches, const at::Tensor& ids,
+                                                  const at::Tensor& positions) {
+  TORCH_CHECK(!caches.empty(), "PlanBatch: no caches");
+  KvPool* pool = caches[0]->pool_;
+  const int64_t b = static_cast<int64_t>(caches.size()), heads = caches[0]->num_kv_heads_;
+  const int64_t layers = static_cast<int64_t>(caches[0]->layers_.size()), n = b * heads, stride = 3 * n + 1;
+  TORCH_CHECK(ids.numel() == b && positions.numel() == b, "PlanBatch: ", b, " caches, ", ids.numel(), " ids, ",
+              positions.numel(), " positions");
+  for (auto* c : caches)
+    TORCH_CHECK(c->pool_ == pool && c->batchable() && c->num_kv_heads_ == heads &&
+                    static_cast<int64_t>(c->layers_.size()) == layers,
+                "PlanBatch: every cache must come from the same pool on a CUDA device");
+  BatchPlan plan;
+  plan.batch = b;
+  plan.segments = n;
+  // Pinned memory: the upload is asynchronous, and the host allocator keeps the block until it is done.
+  plan.host = at::empty({2 * b + layers * stride}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* p = plan.host.data_ptr<int64_t>();
+  const at::Tensor ids64 = ids.to(at::kCPU, at::kLong).contiguous(), pos64 = positions.to(at::kCPU, at::kLong).contiguous();
+  std::copy_n(ids64.data_ptr<int64_t>(), b, p);
+  std::copy_n(pos64.data_ptr<int64_t>(), b, p + b);
+  for (int64_t l = 0; l < layers; ++l) {
+    int64_t* rows = p + 2 * b + l * stride;
+    int64_t *cu_k = rows + n, *used = cu_k + n + 1;
+    for (int64_t i = 0; i < b; ++i) {
+      HeadwiseCache& c = *caches[i];
+      Layer& L = c.layers_[l];
+      if (auto cap = GrownCapacities(L.length, L.capacity, 1); !cap.empty()) c.Relayout(l, cap);
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t first = L.pool_start + L.offset[h], j = i * heads + h;
+        rows[j] = first + L.length[h];
+        cu_k[j] = first;
+        used[j] = ++L.length[h];
+        plan.max_k = std::max(plan.max_k, L.length[h]);
+      }
+      L.meta_stale = true;  // the single-cache path rebuilds its device metadata
+    }
+    cu_k[n] = pool->rows();
+  }
+  return plan;
+}
+
+at::Tensor HeadwiseCache::AttendPlanned(const KvPool& pool, const at::Tensor& rows, const at::Tensor& cu_k,
+                                        const at::Tensor& used, const at::Tensor& cu_q, int64_t max_k,
+                                        const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  const int64_t heads = k.size(0), b = k.size(1), d = k.size(2), group = q.size(0) / heads, n = b * heads;
   // [H_kv, B, D] -> rows in segment order (cache-major).
-  pool->k().index_copy_(0, dst_t, k.transpose(0, 1).reshape({n, d}));
-  pool->v().index_copy_(0, dst_t, v.transpose(0, 1).reshape({n, d}));
+  pool.k().index_copy_(0, rows, k.transpose(0, 1).reshape({n, d}));
+  pool.v().index_copy_(0, rows, v.transpose(0, 1).reshape({n, d}));
   // [H_q, B, D] -> [B * H_kv, G, D]: segment i * H + h holds the G query heads reading kv head h.
   at::Tensor qp = q.reshape({heads, group, b, d}).permute({2, 0, 1, 3}).reshape({n, group, d});
-  auto out = at::_flash_attention_forward(qp, pool->k().view({-1, 1, d}), pool->v().view({-1, 1, d}), cu_q, cu_k,
+  auto out = at::_flash_attention_forward(qp, pool.k().view({-1, 1, d}), pool.v().view({-1, 1, d}), cu_q, cu_k,
                                           /*max_q=*/1, max_k, /*dropout_p=*/0.0, /*is_causal=*/false,
                                           /*return_debug_mask=*/false, scale, std::nullopt, std::nullopt, used);
   return std::get<0>(out).view({b, heads, group, d}).permute({1, 2, 0, 3}).reshape({heads * group, b, d});

@@ -36,6 +36,26 @@ class HeadwiseCache final : public KvCache {
   static at::Tensor AppendAndAttendBatch(const std::vector<HeadwiseCache*>& caches, int64_t layer,
                                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          double scale);
+  // A decode step of B caches sharing one pool, planned for every layer before it runs: a full
+  // segment grows, each segment takes the pool row of its new entry and its length after the
+  // append, and all of it lands in one int64 host buffer (pinned), so the step uploads its
+  // metadata with one asynchronous copy and then runs without a host synchronisation (and can
+  // be a CUDA graph). Layout of `host`:
+  //   [0, B) token ids, [B, 2B) positions, then per layer l at 2B + l * (3n + 1), n = B * H_kv:
+  //   rows[n] (pool row of segment j's new entry), cu_k[n + 1] (segment starts, then the pool's
+  //   row count), used[n] (segment lengths after the append).
+  struct BatchPlan {
+    at::Tensor host;
+    int64_t batch = 0, segments = 0, max_k = 0;  // max_k: longest segment of any layer
+  };
+  static BatchPlan PlanBatch(const std::vector<HeadwiseCache*>& caches, const at::Tensor& ids,
+                             const at::Tensor& positions);
+  // The device side of one layer of a planned step: writes k, v ([H_kv, B, D]) to `rows` and
+  // attends q ([H_q, B, D]) over the segments (cu_k, used: int32 on the device; cu_q: 0..n).
+  // max_k may exceed the longest segment. Output [H_q, B, D].
+  static at::Tensor AttendPlanned(const KvPool& pool, const at::Tensor& rows, const at::Tensor& cu_k,
+                                  const at::Tensor& used, const at::Tensor& cu_q, int64_t max_k,
+                                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
   // True when AppendAndAttendBatch applies to this cache (pooled, CUDA, half precision).
   bool batchable() const;
   KvPool* pool() const { return pool_; }

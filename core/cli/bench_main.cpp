@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -39,6 +41,9 @@ usage: defkv-bench [options]
   --prefill-chunk N    context tokens per prefill step (default 8192)
   --device D           cuda (default) or cpu
   --dtype T            bfloat16 (default), float16, float32
+  --graphs on|off      on (default): the cache takes its rows from a KV pool sized for the run and
+                       decode steps replay as CUDA graphs, as in the server (CUDA, half precision);
+                       off: a cache of its own and eager decode steps
   --json               one JSON object per run instead of the table
 LISTs are comma-separated.
 )";
@@ -121,13 +126,18 @@ struct Row {
 };
 
 Row RunOne(const defkv::model::Transformer& m, const std::string& shape, int64_t ctx, const std::string& press_name,
-           double ratio, int steps, int64_t chunk, double bw) {
+           double ratio, int steps, int64_t chunk, double bw, bool graphs) {
   Row r{shape, press_name, ctx, ratio};
   const at::Device dev = m.device();
   const auto& cfg = m.config();
   at::InferenceMode guard;
   ResetPeak(dev);
-  auto cache = m.NewCache();
+  // With graphs: a pool with room for the full-size cache (prefill holds it before compaction).
+  std::unique_ptr<defkv::cache::KvPool> pool;
+  if (graphs)
+    pool = std::make_unique<defkv::cache::KvPool>(cfg.num_layers * cfg.num_kv_heads * (ctx + steps + 1), cfg.head_dim,
+                                                  m.dtype(), dev);
+  auto cache = m.NewCache(pool.get());
   cache->Reserve(ctx + steps + 1);
   auto press = defkv::press::MakePress(press_name, {});
   if (!press.ok()) {
@@ -156,16 +166,27 @@ Row RunOne(const defkv::model::Transformer& m, const std::string& shape, int64_t
   r.ttft_s = Seconds(t0, t1);
   r.kv_bytes = cache->bytes_used();
 
-  // One untimed step (allocator warm-up), then the timed ones.
+  // One untimed step (allocator warm-up; with graphs, the capture), then the timed ones.
   int64_t pos = ctx;
-  logits = m.Forward(next, at::full({1}, pos++, lopts), *cache);
-  next = logits[0].argmax().view({1});
+  std::function<void()> step;
+  if (graphs) {
+    // As the server steps: the token comes to the host after each step (it is streamed).
+    const std::vector<defkv::cache::KvCache*> caches = {cache.get()};
+    int64_t token = next.item<int64_t>();
+    step = [&, caches] {
+      logits = m.ForwardBatch(at::full({1}, token, at::kLong), at::full({1}, pos++, at::kLong), caches);
+      token = logits[0].argmax().item<int64_t>();
+    };
+  } else {
+    step = [&] {
+      logits = m.Forward(next, at::full({1}, pos++, lopts), *cache);
+      next = logits[0].argmax().view({1});
+    };
+  }
+  step();
   Sync(dev);
   const auto t2 = Clock::now();
-  for (int i = 0; i < steps; ++i) {
-    logits = m.Forward(next, at::full({1}, pos++, lopts), *cache);
-    next = logits[0].argmax().view({1});
-  }
+  for (int i = 0; i < steps; ++i) step();
   Sync(dev);
   r.decode_ms = 1e3 * Seconds(t2, Clock::now()) / steps;
   r.peak_bytes = PeakBytes(dev);
@@ -184,7 +205,8 @@ int main(int argc, char** argv) {
                                           {"--decode-steps", "32"},
                                           {"--prefill-chunk", "8192"},
                                           {"--device", "cuda"},
-                                          {"--dtype", "bfloat16"}};
+                                          {"--dtype", "bfloat16"},
+                                          {"--graphs", "on"}};
   bool json = false;
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
@@ -206,9 +228,15 @@ int main(int argc, char** argv) {
   const at::ScalarType dtype = a["--dtype"] == "float32" ? at::kFloat : a["--dtype"] == "float16" ? at::kHalf : at::kBFloat16;
   const int steps = std::stoi(a["--decode-steps"]);
   const int64_t chunk = std::stoll(a["--prefill-chunk"]);
+  if (a["--graphs"] != "on" && a["--graphs"] != "off") {
+    std::fprintf(stderr, "defkv-bench: --graphs takes on or off\n");
+    return 2;
+  }
+  const bool graphs = a["--graphs"] == "on" && dev.is_cuda() && dtype != at::kFloat;
   const double bw = dev.is_cuda() ? CopyBandwidth(dev) : 0;
   if (!json) {
-    std::printf("device %s, copy bandwidth %.0f GB/s (read + write)\n", dev.str().c_str(), bw / 1e9);
+    std::printf("device %s, copy bandwidth %.0f GB/s (read + write), decode graphs %s\n", dev.str().c_str(), bw / 1e9,
+                graphs ? "on" : "off");
     std::printf("%-12s %7s %-18s %5s %10s %10s %6s %9s %10s %9s %9s %8s\n", "shape", "context", "press", "ratio",
                 "prefill_s", "compress_s", "share", "ttft_s", "decode_ms", "kv_GB", "peak_GB", "roofline");
   }
@@ -221,22 +249,26 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "defkv-bench: %s\n", std::string(m.status().message()).c_str());
       return 1;
     }
+    if (graphs && !(*m)->EnableDecodeGraphs(1)) {
+      std::fprintf(stderr, "defkv-bench: this build cannot capture CUDA graphs (run with --graphs off)\n");
+      return 1;
+    }
     // Warm-up (cuBLAS handles, flash-attention and allocator pools), not reported.
-    RunOne(**m, shape, 1024, "defensivekv", 0.5, 2, chunk, bw);
+    RunOne(**m, shape, 1024, "defensivekv", 0.5, 2, chunk, bw, graphs);
     for (const auto& ctx_s : Split(a["--contexts"])) {
       const int64_t ctx = std::stoll(ctx_s);
       for (const auto& ratio_s : Split(a["--ratios"])) {
         const double ratio = std::stod(ratio_s);
         std::vector<std::string> presses = ratio > 0 ? Split(a["--presses"]) : std::vector<std::string>{"none"};
         for (const auto& p : presses) {
-          Row r = RunOne(**m, shape, ctx, p, ratio, steps, chunk, bw);
+          Row r = RunOne(**m, shape, ctx, p, ratio, steps, chunk, bw, graphs);
           if (json) {
             nlohmann::json j = {{"shape", r.shape}, {"context", r.context}, {"press", r.press}, {"ratio", r.ratio},
                                 {"prefill_s", r.prefill_s}, {"compression_s", r.compression_s},
                                 {"compression_share", r.prefill_s > 0 ? r.compression_s / r.prefill_s : 0},
                                 {"ttft_s", r.ttft_s}, {"decode_ms_per_token", r.decode_ms}, {"kv_bytes", r.kv_bytes},
                                 {"peak_bytes", r.peak_bytes}, {"weight_bytes", (*m)->weight_bytes()},
-                                {"copy_bandwidth", bw}, {"roofline_ratio", r.roofline}};
+                                {"copy_bandwidth", bw}, {"roofline_ratio", r.roofline}, {"graphs", graphs}};
             std::printf("%s\n", j.dump().c_str());
           } else {
             std::printf("%-12s %7lld %-18s %5.2f %10.3f %10.3f %5.1f%% %9.3f %10.3f %9.3f %9.2f %8.2f\n", r.shape.c_str(),

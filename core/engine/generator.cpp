@@ -91,6 +91,7 @@ struct Generator::Impl {
   tok::ChatTemplate chat = tok::ChatTemplate::Plain();
   std::optional<int32_t> raw_bos;
   ModelInfo info;
+  bool graphs = false;
   std::unique_ptr<cache::KvPool> pool;  // declared after `model`: destroyed before it, after every cache
 };
 
@@ -138,6 +139,7 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const EngineOptions
   }
   if (!m.ok()) return m.status();
   impl->model = std::move(*m);
+  if (options.cuda_graph_max_batch > 0) impl->graphs = impl->model->EnableDecodeGraphs(options.cuda_graph_max_batch);
   const auto& c = impl->model->config();
   if (impl->tokenizer->vocab_size() > c.vocab_size)
     return absl::InvalidArgumentError(absl::StrCat(options.model_dir, ": the tokenizer has ", impl->tokenizer->vocab_size(),
@@ -215,6 +217,7 @@ bool Sequence::done() const { return s_->done; }
 int64_t Sequence::kv_bytes_reserved() const { return s_->cache ? s_->cache->bytes_reserved() : 0; }
 int64_t Sequence::kv_bytes_peak() const { return s_->peak_bytes; }
 int64_t Sequence::prompt_tokens() const { return s_->n_ctx + s_->n_q; }
+int64_t Sequence::tokens_fed() const { return s_->pos; }
 const GenerateResult& Sequence::result() const { return s_->result; }
 GenerateResult Sequence::TakeResult() { return std::move(s_->result); }
 
@@ -251,11 +254,17 @@ void Finalize(Sequence::State& s, FinishReason reason) {
 
 // Samples the next token of `s` from `logits` ([vocab] fp32, any device), streams what is
 // complete and closes the sequence when it ends (EOS, stop string, length, client gone).
+void AcceptToken(Sequence::State& s, int32_t next, const std::vector<int64_t>& eos);
+
 void SampleNext(Sequence::State& s, const at::Tensor& logits, const std::vector<int64_t>& eos) {
+  at::Tensor row = logits.to(at::kCPU).contiguous();  // the sampler reads host memory
+  AcceptToken(s, s.sampler->Next(row.data_ptr<float>(), row.numel()), eos);
+}
+
+// Appends the chosen token `next` to `s` (or ends it on EOS).
+void AcceptToken(Sequence::State& s, int32_t next, const std::vector<int64_t>& eos) {
   GenerateResult& r = s.result;
   const GenerateRequest& req = s.request;
-  at::Tensor row = logits.to(at::kCPU).contiguous();  // the sampler reads host memory
-  const int32_t next = s.sampler->Next(row.data_ptr<float>(), row.numel());
   if (r.token_ids.empty()) r.timings.first_token = Seconds(s.t0, Clock::now());
   if (std::find(eos.begin(), eos.end(), next) != eos.end()) return Finalize(s, FinishReason::kEos);
   r.token_ids.push_back(next);
@@ -308,6 +317,9 @@ absl::StatusOr<int64_t> Generator::CreateKvPool(int64_t bytes) {
   }
   return impl_->pool->bytes();
 }
+
+bool Generator::decode_graphs_enabled() const { return impl_->graphs; }
+int64_t Generator::decode_graphs() const { return impl_->model->decode_graphs(); }
 
 absl::StatusOr<std::unique_ptr<Sequence>> Generator::Start(const GenerateRequest& request, TextCallback on_text,
                                                            const PromptTokens* given) {
@@ -467,8 +479,26 @@ absl::Status Generator::DecodeStep(const std::vector<Sequence*>& batch) {
       caches.push_back(s.cache.get());
     }
     at::Tensor logits = model.ForwardBatch(ids, positions, caches);  // [B, vocab]
-    if (b > 1) logits = logits.to(at::kCPU);                          // one copy for the batch
-    for (int64_t i = 0; i < b; ++i) SampleNext(*batch[i]->s_, logits[i], model.config().eos_token_ids);
+    // Greedy rows take their argmax where the logits are (torch's argmax returns the lowest
+    // index among equal maxima, as the sampler does); only sampled rows come to the host.
+    std::vector<int64_t> sampled;
+    for (int64_t i = 0; i < b; ++i)
+      if (batch[i]->s_->request.sampling.temperature > 0.0) sampled.push_back(i);
+    at::Tensor greedy;
+    if (static_cast<int64_t>(sampled.size()) < b) greedy = logits.argmax(-1).to(at::kCPU);
+    at::Tensor rows;
+    if (!sampled.empty()) {
+      auto idx = at::tensor(sampled, at::kLong).to(logits.device());
+      rows = logits.index_select(0, idx).to(at::kCPU);  // one copy for the sampled rows
+    }
+    const auto& eos = model.config().eos_token_ids;
+    for (int64_t i = 0, k = 0; i < b; ++i) {
+      Sequence::State& s = *batch[i]->s_;
+      if (k < static_cast<int64_t>(sampled.size()) && sampled[k] == i)
+        SampleNext(s, rows[k++], eos);
+      else
+        AcceptToken(s, static_cast<int32_t>(greedy.data_ptr<int64_t>()[i]), eos);
+    }
   } catch (const c10::OutOfMemoryError& e) {
     return absl::ResourceExhaustedError(absl::StrCat("out of memory during decode: ", e.what()));
   } catch (const std::exception& e) {

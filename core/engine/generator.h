@@ -104,6 +104,10 @@ struct EngineOptions {
   // Benchmarks of real shapes without checkpoints: weights drawn at random (N(0, 0.02), seed 0)
   // for model_dir's config.json; the tokenizer files are still read from model_dir.
   bool random_weights = false;
+  // Decode steps of up to this many sequences over the KV pool (CreateKvPool; CUDA, bf16/fp16)
+  // replay as CUDA graphs, one captured per batch size and segment-length bucket the first time
+  // it is seen. 0: off. No effect without a pool or without CUDA.
+  int cuda_graph_max_batch = 0;
   std::function<void(size_t done_bytes, size_t total_bytes)> load_progress;
 };
 
@@ -140,6 +144,7 @@ class Sequence {
   int64_t kv_bytes_reserved() const;
   int64_t kv_bytes_peak() const;
   int64_t prompt_tokens() const;  // context + question
+  int64_t tokens_fed() const;     // prompt and generated tokens run through the model so far
   // Ends the request now with FinishReason::kCancelled and frees its cache.
   void Cancel();
   const GenerateResult& result() const;
@@ -184,6 +189,9 @@ class Generator {
   // batch with one kernel per layer. Returns the pool's bytes, or 0 when no pool applies (CPU,
   // fp32: each cache allocates its own tensors).
   absl::StatusOr<int64_t> CreateKvPool(int64_t bytes);
+  // Whether decode steps over the pool replay as CUDA graphs, and how many were captured.
+  bool decode_graphs_enabled() const;
+  int64_t decode_graphs() const;
   const ModelInfo& info() const;
 
  private:

@@ -5,6 +5,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/model/decode_graphs.h"
 #include "core/model/safetensors.h"
 
 namespace defkv::model {
@@ -71,6 +72,16 @@ at::ScalarType DtypeFromName(const std::string& s) {
 }
 
 }  // namespace
+
+Transformer::~Transformer() = default;
+
+bool Transformer::EnableDecodeGraphs(int64_t max_batch) {
+  if (!device_.is_cuda() || max_batch < 1) return false;
+  graphs_ = DecodeGraphs::Create(max_batch);
+  return graphs_ != nullptr;
+}
+
+int64_t Transformer::decode_graphs() const { return graphs_ == nullptr ? 0 : graphs_->size(); }
 
 Transformer::Transformer(ModelConfig cfg, at::Device device, at::ScalarType dtype)
     : config_(std::move(cfg)), device_(device), dtype_(dtype), rope_(config_.rope, config_.head_dim, device) {}
@@ -204,7 +215,8 @@ at::Tensor Transformer::ForwardBatch(const at::Tensor& ids, const at::Tensor& po
   TORCH_CHECK(static_cast<int64_t>(caches.size()) == b && positions.size(0) == b, "ForwardBatch: ", b, " ids, ",
               positions.size(0), " positions, ", caches.size(), " caches");
   const double scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
-  // Caches sharing one pool on the GPU: one scatter and one flash call per layer for all of them.
+  // Caches sharing one pool on the GPU: the step is planned on the host for all layers, its
+  // metadata uploaded once, then one scatter and one flash call per layer for all of them.
   std::vector<cache::HeadwiseCache*> pooled;
   for (auto* c : caches) {
     auto* hc = dynamic_cast<cache::HeadwiseCache*>(c);
@@ -214,9 +226,15 @@ at::Tensor Transformer::ForwardBatch(const at::Tensor& ids, const at::Tensor& po
     }
     pooled.push_back(hc);
   }
+  if (!pooled.empty()) {
+    auto plan = cache::HeadwiseCache::PlanBatch(pooled, ids, positions);
+    const cache::KvPool& pool = *pooled[0]->pool();
+    if (graphs_ != nullptr)
+      if (at::Tensor logits = graphs_->Run(*this, plan, pool); logits.defined()) return logits;
+    return DecodePlanned(plan.host.to(device_, /*non_blocking=*/true), plan.batch, plan.segments, plan.max_k, pool);
+  }
   return Run(ids, positions, /*all_logits=*/true, nullptr,
              [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-               if (b > 1 && !pooled.empty()) return cache::HeadwiseCache::AppendAndAttendBatch(pooled, l, q, k, v, scale);
                if (b == 1) return caches[0]->AppendAndAttend(l, q, k, v, scale);
                std::vector<at::Tensor> outs;
                outs.reserve(b);
@@ -224,6 +242,21 @@ at::Tensor Transformer::ForwardBatch(const at::Tensor& ids, const at::Tensor& po
                  outs.push_back(caches[i]->AppendAndAttend(l, q.narrow(1, i, 1).contiguous(), k.narrow(1, i, 1).contiguous(),
                                                            v.narrow(1, i, 1).contiguous(), scale));
                return at::cat(outs, 1);
+             });
+}
+
+at::Tensor Transformer::DecodePlanned(const at::Tensor& plan, int64_t batch, int64_t segments, int64_t max_k,
+                                      const cache::KvPool& pool) const {
+  const int64_t b = batch, n = segments, stride = 3 * n + 1, layers = config_.num_layers;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
+  at::Tensor meta = plan.narrow(0, 2 * b, layers * stride).view({layers, stride});
+  at::Tensor meta32 = meta.narrow(1, n, 2 * n + 1).to(at::kInt);  // [L, cu_k (n + 1) | used (n)], contiguous
+  at::Tensor cu_q = at::arange(0, n + 1, at::TensorOptions().dtype(at::kInt).device(device_));
+  return Run(plan.narrow(0, 0, b), plan.narrow(0, b, b), /*all_logits=*/true, nullptr,
+             [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+               at::Tensor m = meta32[l];
+               return cache::HeadwiseCache::AttendPlanned(pool, meta[l].narrow(0, 0, n), m.narrow(0, 0, n + 1),
+                                                          m.narrow(0, n + 1, n), cu_q, max_k, q, k, v, scale);
              });
 }
 

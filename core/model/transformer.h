@@ -21,6 +21,8 @@
 
 namespace defkv::model {
 
+class DecodeGraphs;
+
 struct LoadOptions {
   at::Device device = at::kCPU;
   // Weights and activations; kUndefined means the checkpoint's dtype on CUDA, float32 on CPU.
@@ -53,6 +55,7 @@ class Transformer {
   static absl::StatusOr<std::unique_ptr<Transformer>> Load(const std::string& dir, const LoadOptions& opts);
   // Random weights (N(0, 0.02), norms 1) of the shapes `cfg` describes, made on the device:
   // benchmarks of real model shapes without checkpoints.
+  ~Transformer();
   static absl::StatusOr<std::unique_ptr<Transformer>> Random(const ModelConfig& cfg, const LoadOptions& opts,
                                                              uint64_t seed);
 
@@ -65,6 +68,19 @@ class Transformer {
   // once per step); attention runs per sequence over its own cache. Returns fp32 logits [B, vocab].
   at::Tensor ForwardBatch(const at::Tensor& ids, const at::Tensor& positions,
                           const std::vector<cache::KvCache*>& caches) const;
+
+  // The device side of a decode step planned by HeadwiseCache::PlanBatch over pooled caches:
+  // `plan` is the plan's buffer on the device (ids, positions, per-layer metadata), `max_k` a
+  // bound on the longest segment. No host synchronisation inside: a CUDA graph can capture it.
+  // Returns fp32 logits [batch, vocab].
+  at::Tensor DecodePlanned(const at::Tensor& plan, int64_t batch, int64_t segments, int64_t max_k,
+                           const cache::KvPool& pool) const;
+  // Replays batched decode steps as CUDA graphs (one per batch size and bound on the longest
+  // segment, captured the first time it is seen) up to `max_batch` sequences. False
+  // (and nothing changes) when this build or device cannot.
+  bool EnableDecodeGraphs(int64_t max_batch);
+  // Graphs captured so far (0 when disabled).
+  int64_t decode_graphs() const;
 
   // Queries before RoPE for attention inputs x_norm [T, hidden]: [H_q, T, D] (bias and q_norm
   // applied), as the layer computes them.
@@ -97,6 +113,7 @@ class Transformer {
   at::Tensor embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
   size_t weight_bytes_ = 0;
+  std::unique_ptr<DecodeGraphs> graphs_;  // set by EnableDecodeGraphs
 };
 
 }  // namespace defkv::model

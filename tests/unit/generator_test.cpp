@@ -1,6 +1,8 @@
 // The Generator end to end on stories260K (a real trained model, shared/testdata): greedy
 // output equals golden.json token for token; sampling, stop strings, streaming, cancellation.
+#include <algorithm>
 #include <fstream>
+#include <memory>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -129,6 +131,38 @@ TEST_F(Stories, SamplingIsReproducibleBySeed) {
   EXPECT_EQ(a.token_ids, b.token_ids);
   EXPECT_EQ(a.text, b.text);
   EXPECT_NE(a.token_ids, c.token_ids);
+}
+
+// One DecodeStep over greedy and sampled sequences together: greedy rows take the argmax where
+// the logits are, sampled rows go to the host sampler; each output equals the request run alone.
+TEST_F(Stories, BatchedStepOfGreedyAndSampledEqualsEachAlone) {
+  std::vector<GenerateRequest> reqs = {Raw("Once upon a time", 30), Raw("Lily and Tom", 25), Raw("The sun", 30),
+                                       Raw("One day, a big dog", 20)};
+  reqs[1].sampling = {.temperature = 0.9, .top_k = 40, .top_p = 0.9, .seed = 5};
+  reqs[3].sampling = {.temperature = 1.2, .top_k = 0, .top_p = 1.0, .seed = 9};
+  std::vector<std::vector<int32_t>> alone;
+  for (const auto& r : reqs) alone.push_back(Run(r).token_ids);
+  std::vector<std::unique_ptr<Sequence>> seqs;
+  for (const auto& r : reqs) {
+    auto s = gen_->Start(r);
+    ASSERT_TRUE(s.ok()) << s.status();
+    while ((*s)->prefilling()) ASSERT_TRUE(gen_->PrefillStep(**s).ok());
+    seqs.push_back(std::move(*s));
+  }
+  int steps = 0, widest = 0;
+  for (;; ++steps) {
+    std::vector<Sequence*> batch;
+    for (auto& s : seqs)
+      if (!s->done()) batch.push_back(s.get());
+    if (batch.empty()) break;
+    widest = std::max(widest, static_cast<int>(batch.size()));
+    ASSERT_TRUE(gen_->DecodeStep(batch).ok());
+  }
+  EXPECT_EQ(widest, 4);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_FALSE(alone[i].empty()) << i;
+    EXPECT_EQ(seqs[i]->result().token_ids, alone[i]) << "request " << i;
+  }
 }
 
 TEST_F(Stories, ContextAndQuestionWithoutTemplateFollowKvpress) {

@@ -171,6 +171,67 @@ TEST_F(Gpu, GeneratorDecodeStepBatchedEqualsAlone) {
   EXPECT_GE(same, static_cast<int>(seqs.size()) - 1);
 }
 
+// Decode steps replayed as CUDA graphs give the same tokens as the same steps run eagerly: a
+// batch of 5 presses over one pool, whose size shrinks as requests end (so several graphs are
+// captured and replayed), greedy and sampled.
+TEST_F(Gpu, DecodeGraphsEqualEagerSteps) {
+  DEFKV_REQUIRE_TESTDATA();
+  const std::vector<std::pair<std::string, double>> mix = {{"none", 0}, {"snapkv", 0.5}, {"defensivekv", 0.5},
+                                                          {"adakv", 0.6}, {"knorm", 0.3}};
+  std::vector<engine::GenerateRequest> reqs;
+  for (size_t i = 0; i < mix.size(); ++i) {
+    engine::GenerateRequest r;
+    r.context = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.";
+    for (size_t j = 0; j <= i; ++j) r.context += " One day she saw a bird and they played all day.";
+    r.question = "What did Lily see?";
+    r.press = mix[i].first;
+    r.compression_ratio = mix[i].second;
+    r.max_new_tokens = 12 + 9 * static_cast<int>(i);
+    r.stop = {"\n\n\n"};
+    if (i == 3) r.sampling = {.temperature = 0.8, .top_k = 20, .top_p = 0.9, .seed = 3};
+    reqs.push_back(r);
+  }
+  auto run = [&](int graph_max_batch, int64_t* graphs) {
+    engine::EngineOptions o;
+    o.model_dir = testing::TestdataDir() + "/models/stories260K/hf";
+    o.device = "cuda";
+    o.dtype = "bfloat16";
+    o.cuda_graph_max_batch = graph_max_batch;
+    auto g = engine::Generator::Create(o);
+    EXPECT_TRUE(g.ok()) << g.status();
+    auto pool = (*g)->CreateKvPool(int64_t{1} << 26);
+    EXPECT_TRUE(pool.ok() && *pool > 0);
+    EXPECT_EQ((*g)->decode_graphs_enabled(), graph_max_batch > 0);
+    std::vector<std::unique_ptr<engine::Sequence>> seqs;
+    for (const auto& r : reqs) {
+      auto s = (*g)->Start(r);
+      EXPECT_TRUE(s.ok()) << s.status();
+      while ((*s)->prefilling()) EXPECT_TRUE((*g)->PrefillStep(**s).ok());
+      seqs.push_back(std::move(*s));
+    }
+    for (;;) {
+      std::vector<engine::Sequence*> batch;
+      for (auto& s : seqs)
+        if (!s->done()) batch.push_back(s.get());
+      if (batch.empty()) break;
+      EXPECT_TRUE((*g)->DecodeStep(batch).ok());
+    }
+    *graphs = (*g)->decode_graphs();
+    std::vector<std::vector<int32_t>> out;
+    for (auto& s : seqs) out.push_back(s->result().token_ids);
+    return out;
+  };
+  int64_t eager_graphs = -1, graphs = -1;
+  const auto eager = run(0, &eager_graphs), replayed = run(16, &graphs);
+  EXPECT_EQ(eager_graphs, 0);
+  EXPECT_GE(graphs, 3) << "batch sizes 5, 4, 3, 2, 1 each get a graph";
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    std::printf("[gpu] decode graphs, %-12s %zu tokens, %s eager\n", reqs[i].press.c_str(), replayed[i].size(),
+                replayed[i] == eager[i] ? "same as" : "DIFFERENT from");
+    EXPECT_EQ(replayed[i], eager[i]) << reqs[i].press;
+  }
+}
+
 TEST_F(Gpu, Stories260KGreedyStoryInFp32EqualsCpu) {
   DEFKV_REQUIRE_TESTDATA();
   const std::string root = testing::TestdataDir() + "/models/stories260K";
