@@ -318,6 +318,8 @@ void EngineLoop::Iterate() {
       const auto st = generator_->DecodeStep(batch);
       const double took = SecondsBetween(t_start, Clock::now());
       ++stats_.decode_steps;
+      stats_.model_s += generator_->last_decode_timing().model_seconds;
+      stats_.accept_s += generator_->last_decode_timing().accept_seconds;
       stats_.decode_tokens += static_cast<int64_t>(batch.size());
       stats_.max_batch = std::max<int64_t>(stats_.max_batch, static_cast<int64_t>(batch.size()));
       if (chunk) {
@@ -384,6 +386,8 @@ void EngineLoop::LogStats(bool force) {
             {"decode_step_ms", alone > 0 ? 1e3 * stats_.decode_s / alone : 0.0},
             {"step_with_prefill_ms", stats_.mixed_steps > 0 ? 1e3 * stats_.mixed_s / stats_.mixed_steps : 0.0},
             {"steps_with_prefill", stats_.mixed_steps},
+            {"decode_model_ms", stats_.decode_steps > 0 ? 1e3 * stats_.model_s / stats_.decode_steps : 0.0},
+            {"decode_accept_ms", stats_.decode_steps > 0 ? 1e3 * stats_.accept_s / stats_.decode_steps : 0.0},
             {"decode_tokens_per_s", stats_.decode_tokens / span},
             {"prefill_tokens_per_s", stats_.prefill_tokens / span}});
   stats_ = StepStats{};

@@ -131,6 +131,7 @@ class EngineLoop {
     int64_t iterations = 0, decode_steps = 0, decode_tokens = 0, prefill_tokens = 0;
     int64_t mixed_steps = 0;            // decode steps of iterations that also ran a prefill chunk
     double decode_s = 0, mixed_s = 0;   // time in decode-only iterations / in those with a chunk
+    double model_s = 0, accept_s = 0;   // decode steps: the model, and accepting the tokens
     int64_t max_batch = 0;
   } stats_;
   void LogStats(bool force);

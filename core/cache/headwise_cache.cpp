@@ -118,25 +118,36 @@ void HeadwiseCache::Relayout(int64_t layer, const std::vector<int64_t>& cap) {
               std::all_of(L.length.begin(), L.length.end(), [&](int64_t n) { return n == L.length[0]; });
 }
 
-at::Tensor HeadwiseCache::AppendAndAttend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
-                                          const at::Tensor& v, double scale) {
+void HeadwiseCache::Append(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
+  Write(layer, k, v);
+  layers_[layer].meta_stale = true;  // no attention follows to bring the device lengths along
+}
+
+void HeadwiseCache::Write(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
   Layer& L = layers_[layer];
   const int64_t t = k.size(1);
   if (auto cap = GrownCapacities(L.length, L.capacity, t); !cap.empty()) Relayout(layer, cap);
-  const bool flash = device_.is_cuda() && (dtype_ == at::kBFloat16 || dtype_ == at::kHalf);
   if (L.uniform) {
     const int64_t cap = L.capacity[0], len = L.length[0];
     L.k.view({num_kv_heads_, cap, head_dim_}).narrow(1, len, t).copy_(k);
     L.v.view({num_kv_heads_, cap, head_dim_}).narrow(1, len, t).copy_(v);
     for (auto& n : L.length) n += t;
-    return flash ? AttendFlash(L, q, t, scale) : CausalAttention(q, keys(layer), values(layer), scale);
+    return;
   }
   for (int64_t h = 0; h < num_kv_heads_; ++h) {
     L.k.narrow(0, L.offset[h] + L.length[h], t).copy_(k[h]);
     L.v.narrow(0, L.offset[h] + L.length[h], t).copy_(v[h]);
     L.length[h] += t;
   }
-  return flash ? AttendFlash(L, q, t, scale) : AttendSegments(L, q, t, scale);
+}
+
+at::Tensor HeadwiseCache::AppendAndAttend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, double scale) {
+  Write(layer, k, v);
+  Layer& L = layers_[layer];
+  const int64_t t = k.size(1);
+  if (device_.is_cuda() && (dtype_ == at::kBFloat16 || dtype_ == at::kHalf)) return AttendFlash(L, q, t, scale);
+  return L.uniform ? CausalAttention(q, keys(layer), values(layer), scale) : AttendSegments(L, q, t, scale);
 }
 
 at::Tensor HeadwiseCache::AttendFlash(Layer& L, const at::Tensor& q, int64_t t, double scale) {

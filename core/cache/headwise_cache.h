@@ -65,6 +65,9 @@ class HeadwiseCache final : public KvCache {
 
   at::Tensor AppendAndAttend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              double scale) override;
+  // Appends k, v ([H_kv, T, D]) to every head of `layer` without attending (benchmarks fill
+  // caches of a given length with it).
+  void Append(int64_t layer, const at::Tensor& k, const at::Tensor& v);
   int64_t entries(int64_t layer) const override;
   int64_t bytes_used() const override;
   // Bytes of K and V storage allocated (entries plus room reserved for appends).
@@ -100,6 +103,8 @@ class HeadwiseCache final : public KvCache {
   // pool row (-1 otherwise). ReleaseStorage gives a layer's rows back.
   std::pair<at::Tensor, at::Tensor> NewStorage(int64_t rows, int64_t* start);
   void ReleaseStorage(Layer& L);
+  // Appends k, v to every head of `layer` (growing full segments); lengths on the host only.
+  void Write(int64_t layer, const at::Tensor& k, const at::Tensor& v);
   // Re-lays `layer` out with capacities `cap` (each >= its length), copying the entries.
   void Relayout(int64_t layer, const std::vector<int64_t>& cap);
   at::Tensor AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const;

@@ -41,6 +41,10 @@ usage: defkv-bench [options]
   --prefill-chunk N    context tokens per prefill step (default 8192)
   --device D           cuda (default) or cpu
   --dtype T            bfloat16 (default), float16, float32
+  --batch-decode LIST  after the batch-1 table, batched decode steps over synthetic caches (random
+                       K/V, every head holding TOKENS entries) of B sequences sharing one KV pool,
+                       as the server's continuous batch runs them: LIST of TOKENSxB, e.g.
+                       6618x114,32832x26 (default none)
   --graphs on|off      on (default): the cache takes its rows from a KV pool sized for the run and
                        decode steps replay as CUDA graphs, as in the server (CUDA, half precision);
                        off: a cache of its own and eager decode steps
@@ -98,6 +102,13 @@ int64_t PeakBytes(const at::Device& d) {
   }
 #endif
   return -1;
+}
+
+// Returns cached, unused device memory (a batched run's pool is large; the next one needs room).
+void EmptyCache(const at::Device& d) {
+#ifdef DEFKV_WITH_CUDA
+  if (d.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
 }
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
@@ -195,6 +206,45 @@ Row RunOne(const defkv::model::Transformer& m, const std::string& shape, int64_t
   return r;
 }
 
+struct BatchRow {
+  int64_t tokens = 0, batch = 0;
+  double step_ms = 0, kv_bytes = 0, roofline = 0;
+};
+
+// Decode steps of `batch` sequences whose caches hold `tokens` random entries per (layer, head),
+// from one pool, through ForwardBatch as the server calls it (tokens to the host after each step).
+BatchRow RunBatched(const defkv::model::Transformer& m, int64_t tokens, int64_t batch, int steps, double bw) {
+  const auto& cfg = m.config();
+  at::InferenceMode guard;
+  BatchRow r{tokens, batch};
+  const int64_t room = tokens + steps + 4;
+  defkv::cache::KvPool pool(batch * cfg.num_layers * cfg.num_kv_heads * room, cfg.head_dim, m.dtype(), m.device());
+  auto opts = at::TensorOptions().dtype(m.dtype()).device(m.device());
+  const at::Tensor k = at::randn({cfg.num_kv_heads, tokens, cfg.head_dim}, opts), v = at::randn_like(k);
+  std::vector<std::unique_ptr<defkv::cache::HeadwiseCache>> caches;
+  std::vector<defkv::cache::KvCache*> ptrs;
+  for (int64_t b = 0; b < batch; ++b) {
+    caches.push_back(m.NewCache(&pool));
+    caches.back()->Reserve(room);
+    for (int64_t l = 0; l < cfg.num_layers; ++l) caches.back()->Append(l, k, v);
+    ptrs.push_back(caches.back().get());
+  }
+  at::Tensor ids = at::randint(0, cfg.vocab_size, {batch}, at::kLong), pos = at::full({batch}, tokens, at::kLong);
+  auto step = [&] {
+    ids = m.ForwardBatch(ids, pos, ptrs).argmax(-1).to(at::kCPU);
+    pos += 1;
+  };
+  step();  // warm-up (and the graph capture)
+  step();
+  Sync(m.device());
+  const auto t0 = Clock::now();
+  for (int i = 0; i < steps; ++i) step();
+  r.step_ms = 1e3 * Seconds(t0, Clock::now()) / steps;
+  for (auto& c : caches) r.kv_bytes += static_cast<double>(c->bytes_used());
+  r.roofline = bw > 0 ? (r.step_ms / 1e3) / ((static_cast<double>(m.weight_bytes()) + r.kv_bytes) / bw) : 0;
+  return r;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -206,7 +256,8 @@ int main(int argc, char** argv) {
                                           {"--prefill-chunk", "8192"},
                                           {"--device", "cuda"},
                                           {"--dtype", "bfloat16"},
-                                          {"--graphs", "on"}};
+                                          {"--graphs", "on"},
+                                          {"--batch-decode", ""}};
   bool json = false;
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
@@ -249,7 +300,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "defkv-bench: %s\n", std::string(m.status().message()).c_str());
       return 1;
     }
-    if (graphs && !(*m)->EnableDecodeGraphs(1)) {
+    if (graphs && !(*m)->EnableDecodeGraphs(256)) {
       std::fprintf(stderr, "defkv-bench: this build cannot capture CUDA graphs (run with --graphs off)\n");
       return 1;
     }
@@ -279,6 +330,31 @@ int main(int argc, char** argv) {
           std::fflush(stdout);
         }
       }
+    }
+    if (a["--batch-decode"].empty()) continue;
+    if (!json)
+      std::printf("\nbatched decode (%s, synthetic caches, one pool)\n%-12s %8s %6s %9s %12s %9s %8s\n", shape.c_str(),
+                  "shape", "tokens", "batch", "step_ms", "tokens_per_s", "kv_GB", "roofline");
+    for (const auto& spec : Split(a["--batch-decode"])) {
+      const auto x = spec.find('x');
+      if (x == std::string::npos) {
+        std::fprintf(stderr, "defkv-bench: --batch-decode takes TOKENSxB items, not %s\n", spec.c_str());
+        return 2;
+      }
+      EmptyCache(dev);
+      BatchRow r = RunBatched(**m, std::stoll(spec.substr(0, x)), std::stoll(spec.substr(x + 1)), steps, bw);
+      const double tps = r.batch * 1e3 / r.step_ms;
+      if (json) {
+        nlohmann::json j = {{"mode", "batched"}, {"shape", shape}, {"tokens", r.tokens}, {"batch", r.batch},
+                            {"step_ms", r.step_ms}, {"tokens_per_s", tps}, {"kv_bytes", r.kv_bytes},
+                            {"weight_bytes", (*m)->weight_bytes()}, {"copy_bandwidth", bw},
+                            {"roofline_ratio", r.roofline}, {"graphs", graphs}};
+        std::printf("%s\n", j.dump().c_str());
+      } else {
+        std::printf("%-12s %8lld %6lld %9.2f %12.0f %9.2f %8.2f\n", shape.c_str(), static_cast<long long>(r.tokens),
+                    static_cast<long long>(r.batch), r.step_ms, tps, r.kv_bytes / 1e9, r.roofline);
+      }
+      std::fflush(stdout);
     }
   }
   return 0;

@@ -92,6 +92,7 @@ struct Generator::Impl {
   std::optional<int32_t> raw_bos;
   ModelInfo info;
   bool graphs = false;
+  Generator::StepTiming last_step;
   std::unique_ptr<cache::KvPool> pool;  // declared after `model`: destroyed before it, after every cache
 };
 
@@ -318,6 +319,7 @@ absl::StatusOr<int64_t> Generator::CreateKvPool(int64_t bytes) {
   return impl_->pool->bytes();
 }
 
+Generator::StepTiming Generator::last_decode_timing() const { return impl_->last_step; }
 bool Generator::decode_graphs_enabled() const { return impl_->graphs; }
 int64_t Generator::decode_graphs() const { return impl_->model->decode_graphs(); }
 
@@ -465,6 +467,7 @@ absl::Status Generator::DecodeStep(const std::vector<Sequence*>& batch) {
   if (batch.empty()) return absl::OkStatus();
   const auto& model = *impl_->model;
   const int64_t b = static_cast<int64_t>(batch.size());
+  const auto t_start = Clock::now();
   std::vector<cache::KvCache*> caches;
   caches.reserve(b);
   try {
@@ -492,6 +495,8 @@ absl::Status Generator::DecodeStep(const std::vector<Sequence*>& batch) {
       rows = logits.index_select(0, idx).to(at::kCPU);  // one copy for the sampled rows
     }
     const auto& eos = model.config().eos_token_ids;
+    const auto t_tokens = Clock::now();
+    impl_->last_step.model_seconds = Seconds(t_start, t_tokens);
     for (int64_t i = 0, k = 0; i < b; ++i) {
       Sequence::State& s = *batch[i]->s_;
       if (k < static_cast<int64_t>(sampled.size()) && sampled[k] == i)
@@ -499,6 +504,7 @@ absl::Status Generator::DecodeStep(const std::vector<Sequence*>& batch) {
       else
         AcceptToken(s, static_cast<int32_t>(greedy.data_ptr<int64_t>()[i]), eos);
     }
+    impl_->last_step.accept_seconds = Seconds(t_tokens, Clock::now());
   } catch (const c10::OutOfMemoryError& e) {
     return absl::ResourceExhaustedError(absl::StrCat("out of memory during decode: ", e.what()));
   } catch (const std::exception& e) {

@@ -189,6 +189,13 @@ class Generator {
   // batch with one kernel per layer. Returns the pool's bytes, or 0 when no pool applies (CPU,
   // fp32: each cache allocates its own tensors).
   absl::StatusOr<int64_t> CreateKvPool(int64_t bytes);
+  // Where the last DecodeStep spent its time: the model (planning, the forward pass, choosing
+  // the tokens, until they are on the host) and accepting the tokens (detokenizing, stop
+  // strings, the streaming callbacks).
+  struct StepTiming {
+    double model_seconds = 0, accept_seconds = 0;
+  };
+  StepTiming last_decode_timing() const;
   // Whether decode steps over the pool replay as CUDA graphs, and how many were captured.
   bool decode_graphs_enabled() const;
   int64_t decode_graphs() const;

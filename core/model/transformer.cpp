@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/model/decode_graphs.h"
+#include "core/model/fused_ops.h"
 #include "core/model/safetensors.h"
 
 namespace defkv::model {
@@ -194,6 +195,7 @@ at::Tensor Transformer::PreRopeQueries(int64_t l, const at::Tensor& x_norm) cons
 }
 
 at::Tensor Transformer::RmsNorm(const at::Tensor& x, const at::Tensor& w) const {
+  if (at::Tensor y = FusedRmsNorm(x, w, config_.rms_norm_eps); y.defined()) return y;
   auto xf = x.to(at::kFloat);
   auto var = xf.pow(2).mean(-1, /*keepdim=*/true);
   xf = xf * at::rsqrt(var + config_.rms_norm_eps);
@@ -279,8 +281,19 @@ at::Tensor Transformer::Run(const at::Tensor& ids, const at::Tensor& positions, 
       q = RmsNorm(q, L.q_norm);
       k = RmsNorm(k, L.k_norm);
     }
-    q = Rope::Apply(q.transpose(0, 1), cos, sin);  // [H, T, D]
-    k = Rope::Apply(k.transpose(0, 1), cos, sin);
+    // [T, H, D] -> [H, T, D]. The fused kernel may rotate q and k in place: they are columns of
+    // the fresh qkv, or fresh norm outputs, and nothing else reads them. Without q/k norms one
+    // launch covers both, as they sit side by side in qkv.
+    const auto rope = [&](const at::Tensor& y) {
+      return FusedRopeInPlace(y, cos, sin) ? y.transpose(0, 1) : Rope::Apply(y.transpose(0, 1), cos, sin);
+    };
+    if (!c.qk_norm && FusedRopeInPlace(qkv.narrow(-1, 0, (hq + hkv) * d).view({t, hq + hkv, d}), cos, sin)) {
+      q = q.transpose(0, 1);
+      k = k.transpose(0, 1);
+    } else {
+      q = rope(q);
+      k = rope(k);
+    }
     at::Tensor attn = attend(l, q, k, v);  // [H_q, T, D]
     if (hook != nullptr) hook->AfterAttention(l, x_norm);
     x = x + at::linear(attn.transpose(0, 1).reshape({t, hq * d}), L.w_o, L.b_o);

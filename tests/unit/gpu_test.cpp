@@ -1,9 +1,14 @@
 // GPU against CPU (built only with DEFKV_CUDA=ON, run on the GPU machine: ctest -L gpu).
 // Outputs are poisoned (NaN-filled buffers) before each run, so an unwritten element fails.
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <random>
 #include <set>
+#include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -12,6 +17,9 @@
 #include "core/cache/headwise_cache.h"
 #include "core/engine/compressor.h"
 #include "core/engine/generator.h"
+#include "core/model/fused_ops.h"
+#include "core/model/rope.h"
+#include "core/model/transformer.h"
 #include "core/press/registry.h"
 #include "tests/unit/testdata.h"
 
@@ -229,6 +237,147 @@ TEST_F(Gpu, DecodeGraphsEqualEagerSteps) {
     std::printf("[gpu] decode graphs, %-12s %zu tokens, %s eager\n", reqs[i].press.c_str(), replayed[i].size(),
                 replayed[i] == eager[i] ? "same as" : "DIFFERENT from");
     EXPECT_EQ(replayed[i], eager[i]) << reqs[i].press;
+  }
+}
+
+// A fresh seed per run (printed with the result, to replay a failure): inputs differ each run.
+uint64_t FreshSeed() {
+  const uint64_t seed = std::random_device{}();
+  at::manual_seed(seed);
+  return seed;
+}
+
+// The fused RMSNorm against Transformer::RmsNorm's expression on the CPU in fp32, over
+// contiguous rows and over [T, H, D] heads inside a wider row (the q/k norms read qkv columns),
+// aligned (16-byte loads) and not. Also printed: how many elements differ from the same
+// expression run by ATen on the GPU in the tensor dtype (the reduction order differs).
+TEST_F(Gpu, FusedRmsNormMatchesCpu) {
+  const uint64_t seed = FreshSeed();
+  const double eps = 1e-6;
+  const auto reference = [&](const at::Tensor& x, const at::Tensor& w) {
+    auto xf = x.to(at::kCPU, at::kFloat), wf = w.to(at::kCPU, at::kFloat);
+    return wf * (xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps));
+  };
+  const auto aten = [&](const at::Tensor& x, const at::Tensor& w) {
+    auto xf = x.to(at::kFloat);
+    return w * (xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps)).to(x.scalar_type());
+  };
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    const double tol = dtype == at::kFloat ? 1e-5 : 1e-2;
+    double worst = 0;
+    int64_t differ = 0, total = 0;
+    const auto check = [&](const at::Tensor& x, const at::Tensor& w, const std::string& what) {
+      auto out = at::full(x.sizes(), NAN, opts);
+      ASSERT_TRUE(model::FusedRmsNormOut(x, w, eps, out)) << what;
+      const double err = RelErr(out, reference(x, w));
+      worst = std::max(worst, err);
+      EXPECT_LT(err, tol) << what << " dtype " << dtype << " seed " << seed;
+      differ += (out != aten(x, w)).sum().item<int64_t>();
+      total += out.numel();
+    };
+    for (int64_t rows : {1, 7, 300})
+      for (int64_t n : {4096, 3584, 64, 128, 100}) {
+        auto x = at::randn({rows, n}, opts) * 3, w = 1 + 0.1 * at::randn({n}, opts);
+        check(x, w, "rows " + std::to_string(rows) + " hidden " + std::to_string(n));
+      }
+    for (int64_t t : {1, 7, 300})
+      for (int64_t offset : {128, 1}) {
+        const int64_t h = 4, d = 128;
+        auto buf = at::randn({t, (h + 3) * d}, opts);
+        check(buf.narrow(1, offset, h * d).view({t, h, d}), 1 + 0.1 * at::randn({d}, opts),
+              "[T, H, D] view, T " + std::to_string(t) + " offset " + std::to_string(offset));
+      }
+    std::printf("[gpu] fused RMSNorm %-9s worst rel err %.2e vs CPU fp32, %lld/%lld elements differ from ATen "
+                "(seed %llu)\n",
+                c10::toString(dtype), worst, static_cast<long long>(differ), static_cast<long long>(total),
+                static_cast<unsigned long long>(seed));
+  }
+}
+
+// The fused in-place RoPE against Rope::Apply on the CPU in fp32, and bit for bit against
+// Rope::Apply run by ATen on the GPU (the decode step must not change). Views: contiguous
+// [T, H, D], heads inside a wider row (aligned, and at an odd offset that rules out 16-byte
+// loads), and every other head of a buffer; the elements outside the view stay untouched.
+TEST_F(Gpu, FusedRopeMatchesCpu) {
+  const uint64_t seed = FreshSeed();
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    const double tol = dtype == at::kFloat ? 1e-5 : 1e-2;
+    double worst = 0;
+    int64_t inexact = 0;
+    for (int64_t t : {1, 7, 300})
+      for (int64_t d : {64, 128, 80, 6}) {
+        const int64_t h = 5;
+        model::Rope rope(model::RopeConfig{}, d, at::kCUDA);
+        const auto positions = at::randint(0, 32768, {t}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+        const auto [cos, sin] = rope.Tables(positions, dtype);
+        // Each layout: the buffer it lives in, and the [T, H, D] view of it.
+        const std::vector<std::pair<std::string, std::function<at::Tensor(const at::Tensor&)>>> layouts = {
+            {"contiguous", [&](const at::Tensor& b) { return b.view({t, h, d}); }},
+            {"row stride", [&](const at::Tensor& b) { return b.narrow(1, d, h * d).view({t, h, d}); }},
+            {"odd offset", [&](const at::Tensor& b) { return b.narrow(1, 1, h * d).view({t, h, d}); }},
+            {"head stride", [&](const at::Tensor& b) { return b.view({t, h, 2 * d}).narrow(2, 0, d); }},
+        };
+        const std::vector<int64_t> widths = {h * d, (h + 3) * d, (h + 3) * d, 2 * h * d};
+        for (size_t i = 0; i < layouts.size(); ++i) {
+          const auto& [name, view] = layouts[i];
+          const std::string what = name + " T " + std::to_string(t) + " D " + std::to_string(d);
+          at::Tensor buf = at::randn({t, widths[i]}, opts), before = buf.clone();
+          at::Tensor x = view(buf);
+          const auto cpu = [](const at::Tensor& a) { return a.to(at::kCPU, at::kFloat); };
+          const at::Tensor ref = model::Rope::Apply(cpu(x).transpose(0, 1), cpu(cos), cpu(sin)).transpose(0, 1);
+          const at::Tensor aten = model::Rope::Apply(x.transpose(0, 1), cos, sin).transpose(0, 1);
+          ASSERT_TRUE(model::FusedRopeInPlace(x, cos, sin)) << what;
+          const double err = RelErr(x, ref);
+          worst = std::max(worst, err);
+          EXPECT_LT(err, tol) << what << " dtype " << dtype << " seed " << seed;
+          const bool exact = at::equal(x, aten);
+          inexact += !exact;
+          EXPECT_TRUE(exact) << what << " dtype " << dtype << ": differs from ATen's Rope::Apply, seed " << seed;
+          at::Tensor after = buf.clone();
+          view(after).zero_();
+          view(before).zero_();
+          EXPECT_TRUE(at::equal(after, before)) << what << " dtype " << dtype << ": wrote outside the view";
+        }
+      }
+    std::printf("[gpu] fused RoPE %-9s worst rel err %.2e vs CPU fp32, %lld cases not bit-equal to ATen (seed %llu)\n",
+                c10::toString(dtype), worst, static_cast<long long>(inexact), static_cast<unsigned long long>(seed));
+  }
+}
+
+// A random tiny model in bf16 (with and without qwen3's q/k norms): logits of a 20-token
+// prefill and 3 decode steps with the fused kernels against the ATen path.
+TEST_F(Gpu, FusedKernelsKeepModelLogits) {
+  const uint64_t seed = FreshSeed();
+  for (bool qk_norm : {false, true}) {
+    model::ModelConfig c;
+    c.model_type = qk_norm ? "qwen3" : "llama";
+    c.vocab_size = 1000, c.hidden_size = 256, c.intermediate_size = 512, c.num_layers = 2;
+    c.num_heads = 4, c.num_kv_heads = 2, c.head_dim = 64, c.max_position_embeddings = 4096;
+    c.rms_norm_eps = 1e-5;
+    c.qk_norm = qk_norm;
+    model::LoadOptions o;
+    o.device = at::kCUDA;
+    o.dtype = at::kBFloat16;
+    auto m = model::Transformer::Random(c, o, seed);
+    ASSERT_TRUE(m.ok()) << m.status();
+    const at::Tensor ids = at::randint(0, c.vocab_size, {23}, at::kLong);
+    const auto logits = [&](bool fused) {
+      model::SetFusedKernels(fused);
+      auto cache = (*m)->NewCache();
+      std::vector<at::Tensor> out = {(*m)->Forward(ids.narrow(0, 0, 20), at::arange(20, at::kLong), *cache, true)};
+      for (int64_t p = 20; p < 23; ++p)
+        out.push_back((*m)->Forward(ids.narrow(0, p, 1), at::full({1}, p, at::kLong), *cache, true));
+      return at::cat(out, 0);
+    };
+    const at::Tensor fused = logits(true), aten = logits(false);
+    model::SetFusedKernels(true);
+    ASSERT_EQ(fused.sizes(), (std::vector<int64_t>{23, c.vocab_size}));
+    const double err = RelErr(fused, aten);
+    std::printf("[gpu] fused kernels, tiny bf16 model%s: logits rel err %.2e vs ATen path (seed %llu)\n",
+                qk_norm ? " with q/k norms" : "", err, static_cast<unsigned long long>(seed));
+    EXPECT_LT(err, 1e-2) << "qk_norm " << qk_norm << " seed " << seed;
   }
 }
 

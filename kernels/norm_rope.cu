@@ -1,0 +1,212 @@
+// The CUDA half of norm_rope.h. Layouts and rounding are written there; the CPU reference is
+// the ATen code in core/model (Transformer::RmsNorm, Rope::Apply) that these kernels replace on
+// CUDA. Products and sums use __fmul_rn/__fadd_rn: nvcc would otherwise contract a * b + c into
+// one fma, which rounds once where ATen (one kernel per op) rounds twice.
+//
+// RmsNorm: one block per row, 32 to 1024 threads, 16-byte loads when the row, w and y allow
+// them. The sum of squares is a float block reduction (so it may differ from ATen's reduction
+// order in the last bit); mean = sum * (1 / n) and rsqrtf as ATen's CUDA mean and rsqrt do.
+// RopeInPlace: one thread per V pairs (i, i + D/2) of one (token, head): both halves are read
+// before either is written, so the rotation is in place with no scratch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+// Only CUDA builds compile this file, and they define this; a standalone nvcc check may not.
+#ifndef DEFKV_WITH_CUDA
+#define DEFKV_WITH_CUDA 1
+#endif
+#include "kernels/norm_rope.h"
+
+namespace defkv::kernels {
+namespace {
+
+template <typename T>
+struct Num;
+template <>
+struct Num<float> {
+  static __device__ float ToFloat(float v) { return v; }
+  static __device__ float FromFloat(float v) { return v; }
+};
+template <>
+struct Num<__half> {
+  static __device__ float ToFloat(__half v) { return __half2float(v); }
+  static __device__ __half FromFloat(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static __device__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Rounds a float to T and back: what storing an intermediate ATen tensor of dtype T does.
+template <typename T>
+__device__ float Round(float v) {
+  return Num<T>::ToFloat(Num<T>::FromFloat(v));
+}
+
+// V elements moved as one load or store (16 bytes when V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// The sum of v over the block (blockDim.x a multiple of 32); every thread gets it.
+__device__ float BlockSum(float v) {
+  __shared__ float warp_sums[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warps = blockDim.x / 32;
+  if (warps == 1) return v;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = lane < warps ? warp_sums[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// x row r of [outer, inner, n] -> y [outer * inner, n]; one block per row.
+template <typename T, int V>
+__global__ void RmsNormKernel(const T* __restrict__ x, int64_t inner, int64_t n, int64_t stride_outer,
+                              int64_t stride_inner, const T* __restrict__ w, float eps, float inv_n,
+                              T* __restrict__ y) {
+  using P = Pack<T, V>;
+  const int64_t row = blockIdx.x;
+  const P* xr = reinterpret_cast<const P*>(x + (row / inner) * stride_outer + (row % inner) * stride_inner);
+  const P* wp = reinterpret_cast<const P*>(w);
+  P* yr = reinterpret_cast<P*>(y + row * n);
+  const int64_t packs = n / V;
+  float sum = 0.f;
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const P p = xr[i];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float f = Num<T>::ToFloat(p.v[j]);
+      sum = __fadd_rn(sum, __fmul_rn(f, f));
+    }
+  }
+  sum = BlockSum(sum);
+  const float r = rsqrtf(__fadd_rn(__fmul_rn(sum, inv_n), eps));
+  // Second pass over the row: it was just read, so this hits L1/L2.
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+    const P p = xr[i], q = wp[i];
+    P out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float normed = Round<T>(__fmul_rn(Num<T>::ToFloat(p.v[j]), r));
+      out.v[j] = Num<T>::FromFloat(__fmul_rn(Num<T>::ToFloat(q.v[j]), normed));
+    }
+    yr[i] = out;
+  }
+}
+
+// One thread per V pairs (j .. j + V, half + j .. half + j + V) of one (token, head).
+template <typename T, int V>
+__global__ void RopeKernel(T* __restrict__ x, int64_t heads, int64_t half, int64_t stride_t, int64_t stride_h,
+                           const T* __restrict__ cos, const T* __restrict__ sin, int64_t total) {
+  using P = Pack<T, V>;
+  const int64_t packs = half / V;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t j = (i % packs) * V, head_row = i / packs;
+    const int64_t h = head_row % heads, t = head_row / heads;
+    T* row = x + t * stride_t + h * stride_h;
+    const T* c = cos + t * 2 * half;
+    const T* s = sin + t * 2 * half;
+    const P x1 = *reinterpret_cast<const P*>(row + j), x2 = *reinterpret_cast<const P*>(row + half + j);
+    const P c1 = *reinterpret_cast<const P*>(c + j), c2 = *reinterpret_cast<const P*>(c + half + j);
+    const P s1 = *reinterpret_cast<const P*>(s + j), s2 = *reinterpret_cast<const P*>(s + half + j);
+    P o1, o2;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float a = Num<T>::ToFloat(x1.v[k]), b = Num<T>::ToFloat(x2.v[k]);
+      // rotate_half(x) = cat(-x2, x1): the first half pairs with -x2, the second with x1.
+      const float lo = __fadd_rn(Round<T>(__fmul_rn(a, Num<T>::ToFloat(c1.v[k]))),
+                                 Round<T>(__fmul_rn(-b, Num<T>::ToFloat(s1.v[k]))));
+      const float hi = __fadd_rn(Round<T>(__fmul_rn(b, Num<T>::ToFloat(c2.v[k]))),
+                                 Round<T>(__fmul_rn(a, Num<T>::ToFloat(s2.v[k]))));
+      o1.v[k] = Num<T>::FromFloat(lo);
+      o2.v[k] = Num<T>::FromFloat(hi);
+    }
+    *reinterpret_cast<P*>(row + j) = o1;
+    *reinterpret_cast<P*>(row + half + j) = o2;
+  }
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+int LaunchRmsNorm(const void* x, int64_t outer, int64_t inner, int64_t n, int64_t stride_outer, int64_t stride_inner,
+                  const void* w, float eps, void* y, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = n % kVec == 0 && stride_outer % kVec == 0 && (inner == 1 || stride_inner % kVec == 0) &&
+                   Aligned16(x) && Aligned16(w) && Aligned16(y);
+  const int64_t packs = vec ? n / kVec : n;
+  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (packs + 31) / 32 * 32)));
+  const dim3 grid(static_cast<unsigned>(outer * inner));
+  const float inv_n = 1.f / static_cast<float>(n);
+  const auto* xt = static_cast<const T*>(x);
+  const auto* wt = static_cast<const T*>(w);
+  auto* yt = static_cast<T*>(y);
+  if (vec)
+    RmsNormKernel<T, kVec><<<grid, threads, 0, stream>>>(xt, inner, n, stride_outer, stride_inner, wt, eps, inv_n, yt);
+  else
+    RmsNormKernel<T, 1><<<grid, threads, 0, stream>>>(xt, inner, n, stride_outer, stride_inner, wt, eps, inv_n, yt);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int LaunchRope(void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t stride_t, int64_t stride_h,
+               const void* cos, const void* sin, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t half = head_dim / 2;
+  const bool vec = half % kVec == 0 && stride_t % kVec == 0 && stride_h % kVec == 0 && Aligned16(x) &&
+                   Aligned16(cos) && Aligned16(sin);
+  const int64_t total = tokens * heads * (vec ? half / kVec : half);
+  constexpr int kThreads = 256;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 16)));
+  auto* xt = static_cast<T*>(x);
+  const auto* ct = static_cast<const T*>(cos);
+  const auto* st = static_cast<const T*>(sin);
+  if (vec)
+    RopeKernel<T, kVec><<<grid, kThreads, 0, stream>>>(xt, heads, half, stride_t, stride_h, ct, st, total);
+  else
+    RopeKernel<T, 1><<<grid, kThreads, 0, stream>>>(xt, heads, half, stride_t, stride_h, ct, st, total);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int RmsNorm(DType dtype, const void* x, int64_t outer, int64_t inner, int64_t n, int64_t stride_outer,
+            int64_t stride_inner, const void* w, float eps, void* y, void* stream) {
+  if (outer < 0 || inner < 1 || n < 0 || outer * inner > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);
+  if (outer == 0 || n == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return LaunchRmsNorm<float>(x, outer, inner, n, stride_outer, stride_inner, w, eps, y, s);
+    case DType::kFloat16: return LaunchRmsNorm<__half>(x, outer, inner, n, stride_outer, stride_inner, w, eps, y, s);
+    case DType::kBFloat16:
+      return LaunchRmsNorm<__nv_bfloat16>(x, outer, inner, n, stride_outer, stride_inner, w, eps, y, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int RopeInPlace(DType dtype, void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t stride_t,
+                int64_t stride_h, const void* cos, const void* sin, void* stream) {
+  if (tokens < 0 || heads < 0 || head_dim < 0 || head_dim % 2 != 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (tokens == 0 || heads == 0 || head_dim == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return LaunchRope<float>(x, tokens, heads, head_dim, stride_t, stride_h, cos, sin, s);
+    case DType::kFloat16: return LaunchRope<__half>(x, tokens, heads, head_dim, stride_t, stride_h, cos, sin, s);
+    case DType::kBFloat16:
+      return LaunchRope<__nv_bfloat16>(x, tokens, heads, head_dim, stride_t, stride_h, cos, sin, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+std::string CudaErrorString(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace defkv::kernels
