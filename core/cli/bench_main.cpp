@@ -44,7 +44,7 @@ usage: defkv-bench [options]
   --batch-decode LIST  after the batch-1 table, batched decode steps over synthetic caches (random
                        K/V, every head holding TOKENS entries) of B sequences sharing one KV pool,
                        as the server's continuous batch runs them: LIST of TOKENSxB, e.g.
-                       6618x114,32832x26 (default none)
+                       6618x114,32832x26 (default none); attn_ms is the step's attention alone
   --graphs on|off      on (default): the cache takes its rows from a KV pool sized for the run and
                        decode steps replay as CUDA graphs, as in the server (CUDA, half precision);
                        off: a cache of its own and eager decode steps
@@ -209,6 +209,7 @@ Row RunOne(const defkv::model::Transformer& m, const std::string& shape, int64_t
 struct BatchRow {
   int64_t tokens = 0, batch = 0;
   double step_ms = 0, kv_bytes = 0, roofline = 0;
+  double attention_ms = 0;  // the step's attention alone (append + flash, every layer)
 };
 
 // Decode steps of `batch` sequences whose caches hold `tokens` random entries per (layer, head),
@@ -241,6 +242,31 @@ BatchRow RunBatched(const defkv::model::Transformer& m, int64_t tokens, int64_t 
   for (int i = 0; i < steps; ++i) step();
   r.step_ms = 1e3 * Seconds(t0, Clock::now()) / steps;
   for (auto& c : caches) r.kv_bytes += static_cast<double>(c->bytes_used());
+  // The attention part of one more step, alone: append + flash for every layer, repeated
+  // (CUDA, half precision: the pooled path).
+  if (!caches[0]->batchable()) return r;
+  std::vector<defkv::cache::HeadwiseCache*> hc;
+  for (auto& c : caches) hc.push_back(c.get());
+  auto plan = defkv::cache::HeadwiseCache::PlanBatch(hc, ids, pos);
+  const int64_t n = plan.segments, stride = 3 * n + 1;
+  at::Tensor dev = plan.host.to(m.device());
+  at::Tensor meta = dev.narrow(0, 2 * batch, cfg.num_layers * stride).view({cfg.num_layers, stride});
+  at::Tensor meta32 = meta.narrow(1, n, 2 * n + 1).to(at::kInt);
+  at::Tensor cu_q = at::arange(0, n + 1, at::TensorOptions().dtype(at::kInt).device(m.device()));
+  at::Tensor q = at::randn({cfg.num_heads, batch, cfg.head_dim}, opts);
+  at::Tensor kn = at::randn({cfg.num_kv_heads, batch, cfg.head_dim}, opts), vn = at::randn_like(kn);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(cfg.head_dim));
+  auto attend_all = [&] {
+    for (int64_t l = 0; l < cfg.num_layers; ++l)
+      defkv::cache::HeadwiseCache::AttendPlanned(pool, meta[l].narrow(0, 0, n), meta32[l].narrow(0, 0, n + 1),
+                                                 meta32[l].narrow(0, n + 1, n), cu_q, plan.max_k, q, kn, vn, scale);
+  };
+  attend_all();
+  Sync(m.device());
+  const auto t1 = Clock::now();
+  for (int i = 0; i < 10; ++i) attend_all();
+  Sync(m.device());
+  r.attention_ms = 1e3 * Seconds(t1, Clock::now()) / 10;
   r.roofline = bw > 0 ? (r.step_ms / 1e3) / ((static_cast<double>(m.weight_bytes()) + r.kv_bytes) / bw) : 0;
   return r;
 }
@@ -333,8 +359,8 @@ int main(int argc, char** argv) {
     }
     if (a["--batch-decode"].empty()) continue;
     if (!json)
-      std::printf("\nbatched decode (%s, synthetic caches, one pool)\n%-12s %8s %6s %9s %12s %9s %8s\n", shape.c_str(),
-                  "shape", "tokens", "batch", "step_ms", "tokens_per_s", "kv_GB", "roofline");
+      std::printf("\nbatched decode (%s, synthetic caches, one pool)\n%-12s %8s %6s %9s %12s %9s %8s %8s\n",
+                  shape.c_str(), "shape", "tokens", "batch", "step_ms", "tokens_per_s", "kv_GB", "roofline", "attn_ms");
     for (const auto& spec : Split(a["--batch-decode"])) {
       const auto x = spec.find('x');
       if (x == std::string::npos) {
@@ -348,11 +374,12 @@ int main(int argc, char** argv) {
         nlohmann::json j = {{"mode", "batched"}, {"shape", shape}, {"tokens", r.tokens}, {"batch", r.batch},
                             {"step_ms", r.step_ms}, {"tokens_per_s", tps}, {"kv_bytes", r.kv_bytes},
                             {"weight_bytes", (*m)->weight_bytes()}, {"copy_bandwidth", bw},
-                            {"roofline_ratio", r.roofline}, {"graphs", graphs}};
+                            {"roofline_ratio", r.roofline}, {"attention_ms", r.attention_ms}, {"graphs", graphs}};
         std::printf("%s\n", j.dump().c_str());
       } else {
-        std::printf("%-12s %8lld %6lld %9.2f %12.0f %9.2f %8.2f\n", shape.c_str(), static_cast<long long>(r.tokens),
-                    static_cast<long long>(r.batch), r.step_ms, tps, r.kv_bytes / 1e9, r.roofline);
+        std::printf("%-12s %8lld %6lld %9.2f %12.0f %9.2f %8.2f %8.2f\n", shape.c_str(),
+                    static_cast<long long>(r.tokens), static_cast<long long>(r.batch), r.step_ms, tps, r.kv_bytes / 1e9,
+                    r.roofline, r.attention_ms);
       }
       std::fflush(stdout);
     }

@@ -41,6 +41,12 @@ class CudaDecodeGraphs final : public DecodeGraphs {
   at::Tensor Run(const Transformer& model, const cache::HeadwiseCache::BatchPlan& plan,
                  const cache::KvPool& pool) override {
     if (broken_ || plan.batch > max_batch_) return {};
+    // A graph holds the pool's address: a new pool (CreateKvPool again, a benchmark's next run)
+    // makes every captured graph stale.
+    if (pool.k().data_ptr() != pool_base_) {
+      graphs_.clear();
+      pool_base_ = pool.k().data_ptr();
+    }
     const std::pair<int64_t, int64_t> key{plan.batch, Bucket(plan.max_k)};
     ++clock_;
     if (auto it = graphs_.find(key); it != graphs_.end()) {
@@ -116,6 +122,7 @@ class CudaDecodeGraphs final : public DecodeGraphs {
 
   int64_t max_batch_;
   int64_t clock_ = 0;  // Run() calls, for least-recently-used eviction
+  const void* pool_base_ = nullptr;
   bool broken_ = false;
   std::optional<c10::cuda::CUDAStream> stream_;
   std::optional<at::cuda::MempoolId_t> pool_id_;
