@@ -43,8 +43,10 @@ class CudaDecodeGraphs final : public DecodeGraphs {
     if (broken_ || plan.batch > max_batch_) return {};
     // A graph holds the pool's address: a new pool (CreateKvPool again, a benchmark's next run)
     // makes every captured graph stale.
+    // Their memory pool goes with them (PyTorch refuses a pool id whose graphs are gone).
     if (pool.k().data_ptr() != pool_base_) {
       graphs_.clear();
+      pool_id_.reset();
       pool_base_ = pool.k().data_ptr();
     }
     const std::pair<int64_t, int64_t> key{plan.batch, Bucket(plan.max_k)};
@@ -98,6 +100,7 @@ class CudaDecodeGraphs final : public DecodeGraphs {
         e->graph.capture_end();
         if (!pool_id_) pool_id_ = e->graph.pool();
         e->last_used = clock_;
+        // The shared memory pool lives while any graph uses it: eviction keeps the others.
         if (graphs_.size() >= kMaxGraphs) {
           auto oldest = graphs_.begin();
           for (auto it = graphs_.begin(); it != graphs_.end(); ++it)
