@@ -364,10 +364,13 @@ void EngineLoop::LogStats(bool force) {
   const double interval = limits_.stats_interval_seconds;
   const auto now = Clock::now();
   const double span = SecondsBetween(stats_.since, now);
-  if (interval <= 0 || stats_.iterations == 0 || (span < interval && !force)) return;
-  if (span < 1.0) {  // going idle after a short burst: not worth a line
-    stats_ = StepStats{};
-    return;
+  if (interval <= 0 || stats_.iterations == 0) return;
+  if (span < interval) {
+    if (!force) return;
+    if (span < std::min(1.0, interval)) {  // going idle after a short burst: not worth a line
+      stats_ = StepStats{};
+      return;
+    }
   }
   const int64_t alone = stats_.decode_steps - stats_.mixed_steps;
   int waiting;

@@ -223,3 +223,33 @@ def test_head_of_queue_is_not_overtaken(start_server, pb):
     order = [x["id"] for x in server.json_logs() if x.get("msg") == "request"]
     assert order.index("A") < order.index("C"), order
     assert rec["C"]["queue_s"] >= rec["B"]["queue_s"] - 0.2 - 0.05, rec
+
+
+def test_engine_stats_line_reports_the_batch(start_server, pb):
+    """While requests run, the engine logs "engine stats" lines: the decode steps, the batch they
+    carried and where a step's time went; the tokens they count never exceed those generated."""
+    server = start_server("--log_format=json", "--max_batch=16", "--stats_interval_s=0.2")
+    reqs = [dict(r, max_new_tokens=120) for r in workload(6)]
+    results = run_concurrently(server, pb, reqs)
+    for r, res in zip(reqs, results):
+        assert not isinstance(res, grpc.RpcError), f"{r['request_id']}: {res}"
+    generated = sum(len(res.token_ids) for res in results)
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [j for j in server.json_logs() if j.get("msg") == "engine stats"]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert lines, f"no engine stats line:\n{server.logs()}"
+    keys = {"interval_s", "iterations", "running", "waiting", "decode_steps", "max_batch", "mean_batch",
+            "decode_step_ms", "step_with_prefill_ms", "steps_with_prefill", "decode_model_ms", "decode_accept_ms",
+            "decode_tokens_per_s", "prefill_tokens_per_s"}
+    for j in lines:
+        assert keys <= j.keys(), keys - j.keys()
+        assert 0 <= j["max_batch"] <= 6 and j["mean_batch"] <= j["max_batch"] + 1e-9
+    assert max(j["max_batch"] for j in lines) >= 2, "the stats never saw a batch"
+    busy = [j for j in lines if j["decode_steps"] > 0]
+    assert busy and all(j["decode_model_ms"] > 0 and j["decode_tokens_per_s"] > 0 for j in busy)
+    counted = sum(round(j["mean_batch"] * j["decode_steps"]) for j in lines)
+    # Each request's first token comes from its prefill step, the EOS step adds at most one.
+    assert 0 < counted <= generated, (counted, generated)

@@ -130,10 +130,15 @@ def test_startup_failures_exit_non_zero(bin_dir, tmp_path):
     assert "model failed to load" in bad_model.stderr and "grpc listening" in bad_model.stderr
     bad_flag = subprocess.run([server, "--log_format=xml", *common], capture_output=True, text=True, timeout=60)
     assert bad_flag.returncode == 2 and "--log_format must be text or json" in bad_flag.stderr
+    for flag in ("--stats_interval_s=-1", "--cuda_graph_max_batch=-2"):
+        bad = subprocess.run([server, flag, *common], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "bad flags" in bad.stderr, (flag, bad.stderr)
+        assert flag.split("=")[0] in bad.stderr
     help_text = subprocess.run([server, "--help"], capture_output=True, text=True, timeout=60).stdout
     for flag in ("--model", "--host", "--port", "--metrics_port", "--device", "--dtype", "--max_queue",
                  "--max_context_tokens", "--max_new_tokens_limit", "--log_format", "--log_level",
-                 "--drain_grace_seconds", "--max_receive_message_bytes"):
+                 "--drain_grace_seconds", "--max_receive_message_bytes", "--cuda_graph_max_batch",
+                 "--stats_interval_s"):
         assert flag in help_text, flag
 
 
