@@ -30,9 +30,11 @@ class HeadwiseCache final : public KvCache {
   HeadwiseCache(const HeadwiseCache&) = delete;
   HeadwiseCache& operator=(const HeadwiseCache&) = delete;
 
-  // One decode step of B caches sharing one pool (CUDA, bf16/fp16): k, v: [H_kv, B, D] (the
-  // new token of each), q: [H_q, B, D]. Appends with one scatter and attends with one flash
+  // One layer of a decode step of B caches sharing one pool (CUDA, bf16/fp16): k, v: [H_kv, B, D]
+  // (the new token of each), q: [H_q, B, D]. Appends with one scatter and attends with one flash
   // varlen call over all B * H_kv segments. Output [H_q, B, D], as B AppendAndAttend calls give.
+  // It copies its metadata to the device itself; the model's step uses PlanBatch and
+  // AttendPlanned instead (one upload for all layers).
   static at::Tensor AppendAndAttendBatch(const std::vector<HeadwiseCache*>& caches, int64_t layer,
                                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          double scale);

@@ -2,7 +2,8 @@
 // head-wise cache takes its per-layer row ranges, so that the caches of all running requests live
 // in the same two tensors. A decode step of many requests then appends with one scatter and
 // attends with one flash-attention varlen call per layer over every (request, kv head) segment
-// (HeadwiseCache::AppendAndAttendBatch). The server sizes the pool to its KV budget up front, as
+// (HeadwiseCache::PlanBatch and AttendPlanned). Its fixed address is also what lets a CUDA graph
+// replay the step (core/model/decode_graphs.h). The server sizes the pool to its KV budget up front, as
 // serving systems reserve their KV memory at start.
 //
 // Rows are handed out first fit from a free list that merges neighbours on release; the engine
