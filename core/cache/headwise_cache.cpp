@@ -5,6 +5,8 @@
 
 #include <ATen/ops/_flash_attention_forward.h>
 
+#include "core/model/fused_ops.h"
+
 namespace defkv::cache {
 
 at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
@@ -266,10 +268,16 @@ at::Tensor HeadwiseCache::AttendPlanned(const KvPool& pool, const at::Tensor& ro
   pool.v().index_copy_(0, rows, v.transpose(0, 1).reshape({n, d}));
   // [H_q, B, D] -> [B * H_kv, G, D]: segment i * H + h holds the G query heads reading kv head h.
   at::Tensor qp = q.reshape({heads, group, b, d}).permute({2, 0, 1, 3}).reshape({n, group, d});
-  auto out = at::_flash_attention_forward(qp, pool.k().view({-1, 1, d}), pool.v().view({-1, 1, d}), cu_q, cu_k,
-                                          /*max_q=*/1, max_k, /*dropout_p=*/0.0, /*is_causal=*/false,
-                                          /*return_debug_mask=*/false, scale, std::nullopt, std::nullopt, used);
-  return std::get<0>(out).view({b, heads, group, d}).permute({1, 2, 0, 3}).reshape({heads * group, b, d});
+  // The split-KV decode kernel when it covers the case (CUDA, half precision, D 64/128/256);
+  // the varlen flash call otherwise. Both give [n, G, D].
+  at::Tensor o = model::FusedDecodeAttention(qp, pool.k(), pool.v(), cu_k.narrow(0, 0, n), used, max_k, scale);
+  if (!o.defined()) {
+    o = std::get<0>(at::_flash_attention_forward(qp, pool.k().view({-1, 1, d}), pool.v().view({-1, 1, d}), cu_q,
+                                                 cu_k, /*max_q=*/1, max_k, /*dropout_p=*/0.0, /*is_causal=*/false,
+                                                 /*return_debug_mask=*/false, scale, std::nullopt, std::nullopt,
+                                                 used));
+  }
+  return o.view({b, heads, group, d}).permute({1, 2, 0, 3}).reshape({heads * group, b, d});
 }
 
 at::Tensor HeadwiseCache::AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const {

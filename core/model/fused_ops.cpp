@@ -2,14 +2,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
 
 #ifdef DEFKV_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "kernels/decode_attention.h"
 #include "kernels/norm_rope.h"
 #endif
 
@@ -19,6 +22,14 @@ namespace {
 std::atomic<bool>& Switch() {
   static std::atomic<bool> on{[] {
     const char* v = std::getenv("DEFKV_FUSED_KERNELS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }()};
+  return on;
+}
+
+std::atomic<bool>& DecodeSwitch() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("DEFKV_DECODE_KERNEL");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }()};
   return on;
@@ -54,11 +65,17 @@ void CheckLaunch(int code, const char* op) {
 
 void SetFusedKernels(bool on) { Switch().store(on); }
 bool FusedKernelsEnabled() { return Switch().load(); }
+void SetDecodeKernel(bool on) { DecodeSwitch().store(on); }
+bool DecodeKernelEnabled() { return DecodeSwitch().load(); }
 
 #ifndef DEFKV_WITH_CUDA
 bool FusedRmsNormOut(const at::Tensor&, const at::Tensor&, double, at::Tensor&) { return false; }
 at::Tensor FusedRmsNorm(const at::Tensor&, const at::Tensor&, double) { return {}; }
 bool FusedRopeInPlace(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
+at::Tensor FusedDecodeAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, int64_t, double) {
+  return {};
+}
 #else
 
 bool FusedRmsNormOut(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
@@ -106,6 +123,46 @@ bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tens
                                    cos.data_ptr(), sin.data_ptr(), CurrentStream(x)),
               "FusedRopeInPlace");
   return true;
+}
+
+at::Tensor FusedDecodeAttention(const at::Tensor& qp, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                const at::Tensor& seg_start, const at::Tensor& seg_len, int64_t max_len,
+                                double scale) {
+  if (!qp.defined() || !qp.is_cuda() || !DecodeKernelEnabled() || qp.dim() != 3 || !qp.is_contiguous()) return {};
+  const auto dtype = KernelDType(qp.scalar_type());
+  const int64_t n = qp.size(0), g = qp.size(1), d = qp.size(2);
+  if (!dtype || !kernels::DecodeAttentionSupported(*dtype, g, d)) return {};
+  const auto pool_ok = [&](const at::Tensor& t) {
+    return t.defined() && t.scalar_type() == qp.scalar_type() && t.device() == qp.device() && t.dim() == 2 &&
+           t.size(1) == d && t.is_contiguous() && t.size(0) < INT32_MAX;
+  };
+  const auto meta_ok = [&](const at::Tensor& t) {
+    return t.defined() && t.scalar_type() == at::kInt && t.device() == qp.device() && t.dim() == 1 &&
+           t.size(0) == n && t.is_contiguous();
+  };
+  if (!pool_ok(k_pool) || !pool_ok(v_pool) || !meta_ok(seg_start) || !meta_ok(seg_len)) return {};
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  if (!aligned(qp) || !aligned(k_pool) || !aligned(v_pool)) return {};
+  c10::cuda::CUDAGuard guard(qp.device());
+  at::Tensor out = at::empty({n, g, d}, qp.options());
+  if (n == 0) return out;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t splits = kernels::DecodeAttentionSplits(max_len, n, sms);
+  // Scratch for the per-chunk partial results; one chunk per segment writes `out` directly.
+  at::Tensor partial_out, partial_lse;
+  if (splits > 1) {
+    const auto f32 = qp.options().dtype(at::kFloat);
+    partial_out = at::empty({n, splits, g, d}, f32);
+    partial_lse = at::empty({n, splits, g}, f32);
+  }
+  CheckLaunch(kernels::DecodeAttention(*dtype, qp.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
+                                       seg_start.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(), n, g, d, max_len,
+                                       static_cast<float>(scale),
+                                       splits > 1 ? partial_out.data_ptr<float>() : nullptr,
+                                       splits > 1 ? partial_lse.data_ptr<float>() : nullptr, out.data_ptr(), sms,
+                                       CurrentStream(qp)),
+              "FusedDecodeAttention");
+  return out;
 }
 
 #endif  // DEFKV_WITH_CUDA

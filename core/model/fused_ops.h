@@ -27,4 +27,20 @@ at::Tensor FusedRmsNorm(const at::Tensor& x, const at::Tensor& w, double eps);
 // cos, sin: [T, D] contiguous, x's dtype.
 bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
+// The split-KV decode attention of kernels/decode_attention.h, used by
+// HeadwiseCache::AttendPlanned in place of the varlen flash call. Its own switch: on unless
+// DEFKV_DECODE_KERNEL=0 is set when first asked (read once); tests flip it.
+void SetDecodeKernel(bool on);
+bool DecodeKernelEnabled();
+
+// One query token per segment: out[j, g] = softmax(scale * qp[j, g] . K_j^T) V_j, where segment
+// j is rows [seg_start[j], seg_start[j] + seg_len[j]) of k_pool and v_pool ([rows, D]
+// contiguous), zeros when seg_len[j] = 0. qp: [n, G, D] contiguous; seg_start, seg_len: int32
+// [n] contiguous on qp's device; max_len bounds every seg_len (the launch depends on it and n
+// only, so a CUDA graph stays valid while lengths grow up to it). Returns [n, G, D] in qp's
+// dtype, or undefined when not covered (CPU, switch off, dtype or D the kernel does not take).
+at::Tensor FusedDecodeAttention(const at::Tensor& qp, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                const at::Tensor& seg_start, const at::Tensor& seg_len, int64_t max_len,
+                                double scale);
+
 }  // namespace defkv::model

@@ -11,6 +11,9 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/_flash_attention_forward.h>
+#include <c10/cuda/CUDAStream.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -21,6 +24,7 @@
 #include "core/model/rope.h"
 #include "core/model/transformer.h"
 #include "core/press/registry.h"
+#include "kernels/decode_attention.h"
 #include "tests/unit/testdata.h"
 
 namespace defkv {
@@ -378,6 +382,116 @@ TEST_F(Gpu, FusedKernelsKeepModelLogits) {
     std::printf("[gpu] fused kernels, tiny bf16 model%s: logits rel err %.2e vs ATen path (seed %llu)\n",
                 qk_norm ? " with q/k norms" : "", err, static_cast<unsigned long long>(seed));
     EXPECT_LT(err, 1e-2) << "qk_norm " << qk_norm << " seed " << seed;
+  }
+}
+
+// The split-KV decode kernel (kernels/decode_attention.h) over segments of uneven lengths in one
+// pool: against softmax(scale * q K^T) V per segment on the CPU in fp32 from the same rounded
+// inputs (a sample of the segments, all of them for the small cases), and against the varlen
+// flash call HeadwiseCache::AttendPlanned falls back to. The pool rows outside every segment,
+// the output and the scratch are NaN-poisoned: a read past a segment or an unwritten element fails.
+TEST_F(Gpu, DecodeAttentionMatchesCpu) {
+  const uint64_t seed = FreshSeed();
+  at::manual_seed(seed);
+  std::mt19937_64 rng(seed);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  for (auto dtype : {at::kBFloat16, at::kHalf}) {
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    const auto kdtype = dtype == at::kHalf ? kernels::DType::kFloat16 : kernels::DType::kBFloat16;
+    double worst_cpu = 0, worst_flash = 0;
+    for (int64_t d : {64, 128}) {
+      for (int64_t g : {1, 4, 8}) {
+        // The many-short-segments case of the batched step (900 x ~6.6K) once per dtype; the
+        // others with 60 of them.
+        const int64_t many = d == 128 && g == 4 ? 900 : 60;
+        std::vector<int64_t> lens = {0, 1, 7, 300, 5000, 40000};
+        for (int64_t i = 0; i < many; ++i) lens.push_back(6600 - 300 + static_cast<int64_t>(rng() % 601));
+        std::shuffle(lens.begin(), lens.end(), rng);
+        const int64_t n = static_cast<int64_t>(lens.size());
+        // Segments at increasing offsets with 0..40 poisoned rows between them.
+        std::vector<int32_t> start(n), len32(n), cu(n + 1);
+        int64_t rows = 0, max_len = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          rows += static_cast<int64_t>(rng() % 41);
+          start[j] = cu[j] = static_cast<int32_t>(rows);
+          len32[j] = static_cast<int32_t>(lens[j]);
+          rows += lens[j];
+          max_len = std::max(max_len, lens[j]);
+        }
+        rows += 8;
+        cu[n] = static_cast<int32_t>(rows);
+        auto k_pool = at::full({rows, d}, NAN, opts), v_pool = at::full({rows, d}, NAN, opts);
+        for (int64_t j = 0; j < n; ++j) {
+          if (lens[j] == 0) continue;
+          k_pool.narrow(0, start[j], lens[j]).normal_();
+          v_pool.narrow(0, start[j], lens[j]).normal_();
+        }
+        auto qp = at::randn({n, g, d}, opts);
+        const auto i32 = at::TensorOptions().dtype(at::kInt);
+        auto seg_start = at::from_blob(start.data(), {n}, i32).to(at::kCUDA);
+        auto seg_len = at::from_blob(len32.data(), {n}, i32).to(at::kCUDA);
+        auto cu_k = at::from_blob(cu.data(), {n + 1}, i32).to(at::kCUDA);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+        // A bound above the longest segment, as a captured graph has it.
+        const int64_t bound = max_len + 100;
+        const std::string what = std::string(c10::toString(dtype)) + " D " + std::to_string(d) + " G " +
+                                 std::to_string(g) + " segments " + std::to_string(n) + " seed " + std::to_string(seed);
+
+        // The raw entry point, into poisoned output and scratch.
+        const int64_t splits = kernels::DecodeAttentionSplits(bound, n, sms);
+        ASSERT_GE(splits, 1);
+        auto out = at::full({n, g, d}, NAN, opts);
+        auto part_out = at::full({n, splits, g, d}, NAN, opts.dtype(at::kFloat));
+        auto part_lse = at::full({n, splits, g}, NAN, opts.dtype(at::kFloat));
+        ASSERT_EQ(kernels::DecodeAttention(kdtype, qp.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
+                                           seg_start.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(), n, g, d, bound,
+                                           static_cast<float>(scale), part_out.data_ptr<float>(),
+                                           part_lse.data_ptr<float>(), out.data_ptr(), sms,
+                                           c10::cuda::getCurrentCUDAStream().stream()),
+                  0)
+            << what;
+        ASSERT_FALSE(at::isnan(out).any().item<bool>()) << what;
+
+        // CPU fp32 reference: every segment but the 900/60 of ~6.6K, of which every 15th.
+        auto out_cpu = out.to(at::kCPU, at::kFloat);
+        std::vector<at::Tensor> got, ref;
+        int64_t many_seen = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const bool is_many = lens[j] >= 6000 && lens[j] <= 7000;
+          if (is_many && many_seen++ % 15 != 0) continue;
+          if (lens[j] == 0) {
+            EXPECT_EQ(out_cpu[j].abs().max().item<float>(), 0.f) << what << ": empty segment " << j;
+            continue;
+          }
+          auto kj = k_pool.narrow(0, start[j], lens[j]).to(at::kCPU, at::kFloat);
+          auto vj = v_pool.narrow(0, start[j], lens[j]).to(at::kCPU, at::kFloat);
+          auto qj = qp[j].to(at::kCPU, at::kFloat);
+          ref.push_back(at::softmax(at::matmul(qj, kj.t()) * scale, -1).matmul(vj));
+          got.push_back(out_cpu[j]);
+        }
+        const double err_cpu = RelErr(at::stack(got), at::stack(ref));
+        EXPECT_LT(err_cpu, 1e-2) << what;
+
+        // The wrapper against the flash call of AttendPlanned (segments of length >= 1: the
+        // decode step never has an empty one).
+        model::SetDecodeKernel(true);
+        at::Tensor fused = model::FusedDecodeAttention(qp, k_pool, v_pool, seg_start, seg_len, bound, scale);
+        ASSERT_TRUE(fused.defined()) << what;
+        auto cu_q = at::arange(0, n + 1, i32.device(at::kCUDA));
+        auto flash = std::get<0>(at::_flash_attention_forward(
+            qp, k_pool.view({-1, 1, d}), v_pool.view({-1, 1, d}), cu_q, cu_k, /*max_q=*/1, bound,
+            /*dropout_p=*/0.0, /*is_causal=*/false, /*return_debug_mask=*/false, scale, std::nullopt, std::nullopt,
+            seg_len));
+        auto nonempty = (seg_len > 0).nonzero().squeeze(1);
+        const double err_flash = RelErr(fused.index_select(0, nonempty), flash.index_select(0, nonempty));
+        EXPECT_LT(err_flash, 1e-2) << what;
+        EXPECT_TRUE(at::equal(fused, out)) << what << ": wrapper and raw entry point differ";
+        worst_cpu = std::max(worst_cpu, err_cpu);
+        worst_flash = std::max(worst_flash, err_flash);
+      }
+    }
+    std::printf("[gpu] decode attention %-9s worst rel err %.2e vs CPU fp32, %.2e vs flash (seed %llu)\n",
+                c10::toString(dtype), worst_cpu, worst_flash, static_cast<unsigned long long>(seed));
   }
 }
 
