@@ -268,8 +268,8 @@ at::Tensor HeadwiseCache::AttendPlanned(const KvPool& pool, const at::Tensor& ro
   pool.v().index_copy_(0, rows, v.transpose(0, 1).reshape({n, d}));
   // [H_q, B, D] -> [B * H_kv, G, D]: segment i * H + h holds the G query heads reading kv head h.
   at::Tensor qp = q.reshape({heads, group, b, d}).permute({2, 0, 1, 3}).reshape({n, group, d});
-  // The split-KV decode kernel when it covers the case (CUDA, half precision, D 64/128/256);
-  // the varlen flash call otherwise. Both give [n, G, D].
+  // The split-KV decode kernel when it is switched on (DEFKV_DECODE_KERNEL=1) and covers the case
+  // (CUDA, half precision, D 64/128/256); the varlen flash call otherwise. Both give [n, G, D].
   at::Tensor o = model::FusedDecodeAttention(qp, pool.k(), pool.v(), cu_k.narrow(0, 0, n), used, max_k, scale);
   if (!o.defined()) {
     o = std::get<0>(at::_flash_attention_forward(qp, pool.k().view({-1, 1, d}), pool.v().view({-1, 1, d}), cu_q,

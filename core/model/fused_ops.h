@@ -28,8 +28,9 @@ at::Tensor FusedRmsNorm(const at::Tensor& x, const at::Tensor& w, double eps);
 bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // The split-KV decode attention of kernels/decode_attention.h, used by
-// HeadwiseCache::AttendPlanned in place of the varlen flash call. Its own switch: on unless
-// DEFKV_DECODE_KERNEL=0 is set when first asked (read once); tests flip it.
+// HeadwiseCache::AttendPlanned in place of the varlen flash call. Its own switch: off unless
+// DEFKV_DECODE_KERNEL=1 is set when first asked (read once; it has not run on a GPU yet); tests
+// flip it.
 void SetDecodeKernel(bool on);
 bool DecodeKernelEnabled();
 
