@@ -266,7 +266,9 @@ at::Tensor Transformer::Run(const at::Tensor& ids, const at::Tensor& positions, 
                             const Attend& attend) const {
   const ModelConfig& c = config_;
   const int64_t t = ids.size(0), d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
-  auto [cos, sin] = rope_.Tables(positions.to(device_), dtype_);
+  // Not a structured binding: the RoPE lambda below captures them (clang refuses bindings there).
+  const auto tables = rope_.Tables(positions.to(device_), dtype_);
+  const at::Tensor &cos = tables.first, &sin = tables.second;
 
   at::Tensor x = at::embedding(embed_, ids.to(device_));  // [T, hidden]
   for (int64_t l = 0; l < c.num_layers; ++l) {
