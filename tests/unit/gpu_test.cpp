@@ -35,6 +35,38 @@ double RelErr(const at::Tensor& out, const at::Tensor& ref) {
   return (o - r).norm().item<double>() / r.norm().item<double>();
 }
 
+// Starts and prefills every request, then decodes them together (one DecodeStep over all that
+// have not ended) until all are done. The token ids of each; empty after a failure (reported).
+std::vector<std::vector<int32_t>> DecodeTogether(engine::Generator& g, const std::vector<engine::GenerateRequest>& reqs) {
+  std::vector<std::unique_ptr<engine::Sequence>> seqs;
+  for (const auto& r : reqs) {
+    auto s = g.Start(r);
+    if (!s.ok()) {
+      ADD_FAILURE() << s.status();
+      return {};
+    }
+    while ((*s)->prefilling())
+      if (auto st = g.PrefillStep(**s); !st.ok()) {
+        ADD_FAILURE() << st;
+        return {};
+      }
+    seqs.push_back(std::move(*s));
+  }
+  for (;;) {
+    std::vector<engine::Sequence*> batch;
+    for (auto& s : seqs)
+      if (!s->done()) batch.push_back(s.get());
+    if (batch.empty()) break;
+    if (auto st = g.DecodeStep(batch); !st.ok()) {
+      ADD_FAILURE() << st;
+      return {};
+    }
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (auto& s : seqs) out.push_back(s->result().token_ids);
+  return out;
+}
+
 class Gpu : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -158,29 +190,17 @@ TEST_F(Gpu, GeneratorDecodeStepBatchedEqualsAlone) {
     ASSERT_TRUE(out.ok()) << out.status();
     alone.push_back(out->token_ids);
   }
-  std::vector<std::unique_ptr<engine::Sequence>> seqs;
-  for (const auto& r : reqs) {
-    auto s = (*g)->Start(r);
-    ASSERT_TRUE(s.ok()) << s.status();
-    while ((*s)->prefilling()) ASSERT_TRUE((*g)->PrefillStep(**s).ok());
-    seqs.push_back(std::move(*s));
-  }
-  for (;;) {
-    std::vector<engine::Sequence*> batch;
-    for (auto& s : seqs)
-      if (!s->done()) batch.push_back(s.get());
-    if (batch.empty()) break;
-    ASSERT_TRUE((*g)->DecodeStep(batch).ok());
-  }
+  const auto together = DecodeTogether(**g, reqs);
+  ASSERT_EQ(together.size(), reqs.size());
   int same = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const auto& ids = seqs[i]->result().token_ids;
+  for (size_t i = 0; i < together.size(); ++i) {
+    const auto& ids = together[i];
     std::printf("[gpu] batched decode, %-14s %zu tokens, %s alone\n", reqs[i].press.c_str(), ids.size(),
                 ids == alone[i] ? "same as" : "DIFFERENT from");
     same += ids == alone[i];
   }
   // bf16 batched GEMMs may round differently from batch-1 ones; a flip is possible but rare.
-  EXPECT_GE(same, static_cast<int>(seqs.size()) - 1);
+  EXPECT_GE(same, static_cast<int>(together.size()) - 1);
 }
 
 // Decode steps replayed as CUDA graphs give the same tokens as the same steps run eagerly: a
@@ -214,23 +234,9 @@ TEST_F(Gpu, DecodeGraphsEqualEagerSteps) {
     auto pool = (*g)->CreateKvPool(int64_t{1} << 26);
     EXPECT_TRUE(pool.ok() && *pool > 0);
     EXPECT_EQ((*g)->decode_graphs_enabled(), graph_max_batch > 0);
-    std::vector<std::unique_ptr<engine::Sequence>> seqs;
-    for (const auto& r : reqs) {
-      auto s = (*g)->Start(r);
-      EXPECT_TRUE(s.ok()) << s.status();
-      while ((*s)->prefilling()) EXPECT_TRUE((*g)->PrefillStep(**s).ok());
-      seqs.push_back(std::move(*s));
-    }
-    for (;;) {
-      std::vector<engine::Sequence*> batch;
-      for (auto& s : seqs)
-        if (!s->done()) batch.push_back(s.get());
-      if (batch.empty()) break;
-      EXPECT_TRUE((*g)->DecodeStep(batch).ok());
-    }
+    auto out = DecodeTogether(**g, reqs);
+    EXPECT_EQ(out.size(), reqs.size());
     *graphs = (*g)->decode_graphs();
-    std::vector<std::vector<int32_t>> out;
-    for (auto& s : seqs) out.push_back(s->result().token_ids);
     return out;
   };
   int64_t eager_graphs = -1, graphs = -1, split_graphs = -1;
