@@ -34,13 +34,25 @@ std::vector<int64_t> CountPerHead(const at::Tensor& flat_indices, int64_t num_he
   return out;
 }
 
-HeadSelection FlatTopK(const at::Tensor& scores, int64_t n) {
-  const int64_t heads = scores.size(0), len = scores.size(1);
-  at::Tensor idx = std::get<1>(scores.reshape({-1}).topk(std::min(n, heads * len)));
-  at::Tensor head_of = at::floor_divide(idx, len);
+at::Tensor TopKFlatSorted(const at::Tensor& flat, int64_t n) {
+  return std::get<0>(std::get<1>(flat.topk(std::min(n, flat.numel()))).sort());
+}
+
+HeadSelection SplitByRow(const at::Tensor& sorted_flat, int64_t rows, int64_t len) {
+  // One transfer for the counts of all rows (a single host synchronisation).
+  at::Tensor counts = at::bincount(at::floor_divide(sorted_flat, len), {}, rows).to(at::kCPU);
+  const auto c = counts.accessor<int64_t, 1>();
   HeadSelection out;
-  for (int64_t h = 0; h < heads; ++h) out.push_back(idx.masked_select(head_of == h) - h * len);
+  int64_t at = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    out.push_back(sorted_flat.narrow(0, at, c[r]) - r * len);
+    at += c[r];
+  }
   return out;
+}
+
+HeadSelection FlatTopK(const at::Tensor& scores, int64_t n) {
+  return SplitByRow(TopKFlatSorted(scores.reshape({-1}), n), scores.size(0), scores.size(1));
 }
 
 std::optional<HeadSelection> ScorerPress::CompressLayer(const LayerInputs& in) {
@@ -55,8 +67,11 @@ at::Tensor WindowAttention(const LayerInputs& in, int64_t w) {
   auto positions = at::arange(len - w, len, at::TensorOptions().dtype(at::kLong).device(q.device()));
   auto [cos, sin] = m.rope().Tables(positions, q.scalar_type());
   q = model::Rope::Apply(q, cos, sin);
-  at::Tensor k = in.keys.repeat_interleave(hq / in.num_kv_heads(), 0);  // [H_q, L, D]
-  at::Tensor logits = at::matmul(q, k.transpose(1, 2)) / std::sqrt(static_cast<double>(d));
+  // The G query heads of a kv head as one [G * w, D] block against its keys: no copy of K per
+  // query head ([H_q, L, D] would be 4x the layer's keys at GQA 4).
+  const int64_t heads = in.num_kv_heads(), group = hq / heads;
+  at::Tensor logits = at::matmul(q.reshape({heads, group * w, d}), in.keys.transpose(1, 2)).view({hq, w, len}) /
+                      std::sqrt(static_cast<double>(d));
   // Window query j sits at position L - w + j and sees keys 0 .. L - w + j.
   auto opts = at::TensorOptions().dtype(at::kLong).device(q.device());
   at::Tensor future = at::arange(0, len, opts).unsqueeze(0) > at::arange(len - w, len, opts).unsqueeze(1);

@@ -26,16 +26,20 @@ at::Tensor DefensiveAggregate(const at::Tensor& attn, int64_t num_kv_heads, int6
 }
 
 HeadSelection StageOneProtected(const at::Tensor& abar, double tau, double beta, int64_t cap) {
-  HeadSelection out;
   const double threshold = tau - beta;
   cap = std::max<int64_t>(0, cap);
-  for (int64_t g = 0; g < abar.size(0); ++g) {
-    at::Tensor p = abar[g] / abar[g].sum();
-    auto [sorted, order] = p.sort(/*dim=*/-1, /*descending=*/true);
-    at::Tensor crossed = (sorted.cumsum(0) >= threshold).nonzero();
-    int64_t count = crossed.numel() > 0 ? crossed[0][0].item<int64_t>() : 0;
-    out.push_back(order.narrow(0, 0, std::min(count, cap)));
-  }
+  const int64_t n = abar.size(1);
+  // Every head at once: p per head, sorted descending, and the count of leading entries before
+  // the cumulative sum first reaches the threshold. Sums of non-negative terms never decrease,
+  // so those are exactly the entries below it; none reaching it (or a head without mass, whose
+  // sums are NaN) protects nothing.
+  at::Tensor p = abar / abar.sum(-1, /*keepdim=*/true);
+  auto [sorted, order] = p.sort(/*dim=*/-1, /*descending=*/true);
+  at::Tensor below = (sorted.cumsum(-1) < threshold).sum(-1);
+  at::Tensor count = at::where(below < n, below, at::zeros_like(below)).clamp_max(cap).to(at::kCPU);
+  const auto c = count.accessor<int64_t, 1>();
+  HeadSelection out;
+  for (int64_t g = 0; g < abar.size(0); ++g) out.push_back(order[g].narrow(0, 0, c[g]));
   return out;
 }
 
@@ -90,18 +94,16 @@ class DefensiveKVPress final : public Press {
   std::vector<HeadSelection> Finish() override {
     std::vector<HeadSelection> out;
     if (layer_scores_.empty()) return out;
+    const int64_t layers = static_cast<int64_t>(layer_scores_.size());
     const int64_t heads = layer_scores_[0].size(0), len = layer_scores_[0].size(1);
     at::Tensor all = at::stack(layer_scores_).reshape({-1});
-    at::Tensor idx = std::get<1>(all.topk(std::min<int64_t>(total_, all.numel())));
-    at::Tensor layer_of = at::floor_divide(idx, heads * len);
-    for (int64_t l = 0; l < static_cast<int64_t>(layer_scores_.size()); ++l) {
-      at::Tensor in_layer = idx.masked_select(layer_of == l) - l * heads * len;
-      at::Tensor head_of = at::floor_divide(in_layer, len);
-      HeadSelection sel;
-      for (int64_t h = 0; h < heads; ++h) sel.push_back(in_layer.masked_select(head_of == h) - h * len);
-      out.push_back(std::move(sel));
-    }
     layer_scores_.clear();
+    // The flat index is (layer * heads + head) * len + position: the winners sorted ascending
+    // are grouped by (layer, head), so one count per group splits them.
+    HeadSelection groups = SplitByRow(TopKFlatSorted(all, total_), layers * heads, len);
+    for (int64_t l = 0; l < layers; ++l)
+      out.emplace_back(std::make_move_iterator(groups.begin() + l * heads),
+                       std::make_move_iterator(groups.begin() + (l + 1) * heads));
     return out;
   }
 

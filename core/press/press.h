@@ -70,8 +70,14 @@ int64_t NKept(int64_t context_len, double ratio);
 HeadSelection TopKPerHead(const at::Tensor& scores, int64_t n);
 // Per head, top counts[h] positions.
 HeadSelection TopKPerHead(const at::Tensor& scores, const std::vector<int64_t>& counts);
-// The n largest entries of the flattened [H, L] scores, split by head.
+// The n largest entries of the flattened [H, L] scores, split by head (each head's positions
+// in ascending order).
 HeadSelection FlatTopK(const at::Tensor& scores, int64_t n);
+// The flat indices of the n largest entries of a 1-D tensor, in ascending order.
+at::Tensor TopKFlatSorted(const at::Tensor& flat, int64_t n);
+// Ascending flat indices into `rows` rows of `len` entries, split into one tensor of positions
+// per row (one host synchronisation for all rows).
+HeadSelection SplitByRow(const at::Tensor& sorted_flat, int64_t rows, int64_t len);
 // Number of entries of each head among `flat_indices` into an [H, L] score tensor.
 std::vector<int64_t> CountPerHead(const at::Tensor& flat_indices, int64_t num_heads, int64_t len);
 
