@@ -10,8 +10,9 @@
 // accumulator for the G query rows (q scaled and held in registers as float); the G dot products
 // are reduced across the L lanes with __shfl_xor_sync. At the end the sub-groups of a warp merge
 // by shuffles, the warps through shared memory, and the block writes its normalized partial
-// output and lse = m + log(l) (or, with one chunk per segment, the output itself).
-// CombineKernel: one block per segment; out = sum_p exp(lse_p - max) o_p / sum_p exp(lse_p - max).
+// output and lse = m + log2(l) (or, with one chunk per segment, the output itself); scores are in
+// base 2 throughout (see kLog2e).
+// CombineKernel: one block per segment; out = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max).
 // An empty range has l = 0: it writes zeros and lse = -inf, and weighs nothing in the merge.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,26 +33,38 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int64_t kMinChunk = 256;  // keys; a multiple of 64
-// Blocks the split kernel aims for: several per SM resident, several waves, so that chunks of
-// uneven work (segments shorter than max_len) balance out.
-constexpr int64_t kBlocksPerSm = 16;
+// log2(e): scores are kept in base 2 (q is scaled by scale * log2(e)), so every exponential is
+// one ex2.approx (relative error ~2^-22) instead of expf's longer sequence.
+constexpr float kLog2e = 1.4426950408889634f;
 
 struct SplitPlan {
   int64_t splits;
   int64_t chunk;
 };
 
-// Depends on (max_len, segments, num_sms) only: see the header.
-SplitPlan PlanSplits(int64_t max_len, int64_t segments, int num_sms) {
+// Depends on (max_len, segments, num_sms, tuning) only: see the header. Many blocks of at least
+// min_chunk keys: with several waves of them, the last wave's idle SMs cost little, and chunks of
+// uneven work (segments shorter than max_len) balance out.
+SplitPlan PlanSplits(int64_t max_len, int64_t segments, int num_sms, const DecodeAttentionTuning& tuning) {
   max_len = std::max<int64_t>(max_len, 1);
   segments = std::max<int64_t>(segments, 1);
   const int64_t sms = std::max(num_sms, 1);
-  const int64_t cap = (max_len + kMinChunk - 1) / kMinChunk;
-  const int64_t want = std::clamp<int64_t>((kBlocksPerSm * sms + segments - 1) / segments, 1, cap);
+  const bool many = segments >= 256;
+  const int64_t min_chunk_or_default = tuning.min_chunk > 0 ? tuning.min_chunk : many ? 128 : 256;
+  const int64_t blocks_per_sm = tuning.blocks_per_sm > 0 ? tuning.blocks_per_sm : many ? 64 : 16;
+  const int64_t min_chunk = std::max<int64_t>(64, (min_chunk_or_default + 63) / 64 * 64);
+  const int64_t cap = (max_len + min_chunk - 1) / min_chunk;
+  const int64_t blocks = blocks_per_sm * sms;
+  const int64_t want = std::clamp<int64_t>((blocks + segments - 1) / segments, 1, cap);
   const int64_t per = (max_len + want - 1) / want;
-  const int64_t chunk = std::max<int64_t>(kMinChunk, (per + 63) / 64 * 64);
+  const int64_t chunk = std::max<int64_t>(min_chunk, (per + 63) / 64 * 64);
   return {(max_len + chunk - 1) / chunk, chunk};
+}
+
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 template <typename T>
@@ -106,17 +119,36 @@ __device__ __forceinline__ uint4 LoadStream(const void* p) {
 __device__ __forceinline__ float2 MergeFactors(float m, float m2) {
   const float mx = fmaxf(m, m2);
   const float ms = mx == -INFINITY ? 0.f : mx;
-  return make_float2(expf(m - ms), expf(m2 - ms));
+  return make_float2(Exp2(m - ms), Exp2(m2 - ms));
 }
 
 // Block (split p of segment seg) over keys [p * chunk, min(len, (p + 1) * chunk)); the last split
 // runs to len. GT >= G query rows (the rows past G are zero and never written).
+// The launch's arguments (one struct: the three kernels and their dispatch share them).
+struct Args {
+  const void* q;
+  const void* k_pool;
+  const void* v_pool;
+  const int32_t* seg_start;
+  const int32_t* seg_len;
+  int64_t n, heads, q_token_stride;
+  int G;
+  int splits;
+  int64_t chunk;
+  float scale;  // already times log2(e)
+  float* part_out;
+  float* part_lse;
+  void* out;
+};
+
 template <typename T, int D, int GT, int U>
-__global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4)
-    SplitKernel(const T* __restrict__ q, const T* __restrict__ k_pool, const T* __restrict__ v_pool,
-                const int32_t* __restrict__ seg_start, const int32_t* __restrict__ seg_len, int G, int splits,
-                int64_t chunk, float scale, float* __restrict__ part_out, float* __restrict__ part_lse,
-                T* __restrict__ direct_out) {
+__global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) SplitKernel(const Args a) {
+  const T* __restrict__ q = static_cast<const T*>(a.q);
+  const T* __restrict__ k_pool = static_cast<const T*>(a.k_pool);
+  const T* __restrict__ v_pool = static_cast<const T*>(a.v_pool);
+  const int G = a.G, splits = a.splits;
+  const int64_t chunk = a.chunk;
+  T* __restrict__ direct_out = splits == 1 ? static_cast<T*>(a.out) : nullptr;
   constexpr int V = 16 / sizeof(T);  // elements per lane per row
   constexpr int L = D / V;           // lanes per row
   constexpr int KPS = 32 / L;        // rows per warp step
@@ -128,10 +160,12 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4)
   const int64_t seg = block / splits;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, li = lane % L, sub = lane / L;
 
-  const int64_t len = max(seg_len[seg], 0);
+  const int64_t len = max(a.seg_len[seg], 0);
   const int64_t begin = p * chunk;
   const int64_t end = p == splits - 1 ? len : min(len, begin + chunk);
-  const int64_t row0 = seg_start[seg];
+  const int64_t row0 = a.seg_start[seg];
+  // Segment seg = token * heads + h reads query heads h * G .. h * G + G - 1 of its token.
+  const T* qseg = q + (seg / a.heads) * a.q_token_stride + (seg % a.heads) * G * D;
   const T* kseg = k_pool + row0 * D + li * V;
   const T* vseg = v_pool + row0 * D + li * V;
 
@@ -139,10 +173,10 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4)
 #pragma unroll
   for (int g = 0; g < GT; ++g) {
     if (g < G) {
-      const uint4 r = *reinterpret_cast<const uint4*>(q + (seg * G + g) * D + li * V);
+      const uint4 r = *reinterpret_cast<const uint4*>(qseg + g * D + li * V);
       Num<T>::ToFloats(r, qf[g]);
 #pragma unroll
-      for (int i = 0; i < V; ++i) qf[g][i] *= scale;
+      for (int i = 0; i < V; ++i) qf[g][i] *= a.scale;
     } else {
 #pragma unroll
       for (int i = 0; i < V; ++i) qf[g][i] = 0.f;
@@ -199,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4)
 #pragma unroll
       for (int u = 0; u < U; ++u) mx = fmaxf(mx, s[u][g]);
       ms[g] = mx == -INFINITY ? 0.f : mx;  // all masked so far: every exp below is 0
-      const float corr = expf(m[g] - ms[g]);
+      const float corr = Exp2(m[g] - ms[g]);
       m[g] = mx;
       l[g] *= corr;
 #pragma unroll
@@ -211,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4)
       Num<T>::ToFloats(vr[u], vf);
 #pragma unroll
       for (int g = 0; g < GT; ++g) {
-        const float pe = expf(s[u][g] - ms[g]);
+        const float pe = Exp2(s[u][g] - ms[g]);
         l[g] += pe;
 #pragma unroll
         for (int i = 0; i < V; ++i) acc[g][i] = fmaf(pe, vf[i], acc[g][i]);
@@ -258,9 +292,9 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4)
     if (mx != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
-        const float a = expf(sm_m[w][g] - mx);
-        lsum = fmaf(sm_l[w][g], a, lsum);
-        o = fmaf(sm_acc[w][g][d], a, o);
+        const float f = Exp2(sm_m[w][g] - mx);
+        lsum = fmaf(sm_l[w][g], f, lsum);
+        o = fmaf(sm_acc[w][g][d], f, o);
       }
     }
     const bool empty = !(lsum > 0.f);
@@ -269,19 +303,20 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4)
       direct_out[seg * G * D + e] = Num<T>::FromFloatTo(val);
     } else {
       const int64_t row = seg * splits + p;
-      part_out[row * G * D + e] = val;
-      if (d == 0) part_lse[row * G + g] = empty ? -INFINITY : mx + logf(lsum);
+      a.part_out[row * G * D + e] = val;
+      if (d == 0) a.part_lse[row * G + g] = empty ? -INFINITY : mx + log2f(lsum);
     }
   }
 }
 
-// One block per segment: merges its splits' partial outputs.
-template <typename T>
-__global__ void CombineKernel(const float* __restrict__ part_out, const float* __restrict__ part_lse, int G, int D,
-                              int splits, T* __restrict__ out) {
+// One block per segment: merges its splits' partial outputs (lse in base 2).
+template <typename T, int D>
+__global__ void CombineKernel(const Args a) {
   const int64_t seg = blockIdx.x;
-  const float* lse_seg = part_lse + seg * splits * G;
-  const float* out_seg = part_out + seg * splits * G * D;
+  const int G = a.G, splits = a.splits;
+  const float* lse_seg = a.part_lse + seg * splits * G;
+  const float* out_seg = a.part_out + seg * splits * G * D;
+  T* out = static_cast<T*>(a.out);
   for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
     const int g = e / D;
     float mx = -INFINITY;
@@ -289,9 +324,9 @@ __global__ void CombineKernel(const float* __restrict__ part_out, const float* _
     float w = 0.f, o = 0.f;
     if (mx != -INFINITY) {
       for (int p = 0; p < splits; ++p) {
-        const float a = expf(lse_seg[p * G + g] - mx);
-        w += a;
-        o = fmaf(a, out_seg[static_cast<int64_t>(p) * G * D + e], o);
+        const float f = Exp2(lse_seg[p * G + g] - mx);
+        w += f;
+        o = fmaf(f, out_seg[static_cast<int64_t>(p) * G * D + e], o);
       }
     }
     out[seg * G * D + e] = Num<T>::FromFloatTo(w > 0.f ? o / w : 0.f);
@@ -301,56 +336,41 @@ __global__ void CombineKernel(const float* __restrict__ part_out, const float* _
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, int D, int GT>
-int Launch(const void* q, const void* k_pool, const void* v_pool, const int32_t* seg_start, const int32_t* seg_len,
-           int64_t n, int G, const SplitPlan& plan, float scale, float* part_out, float* part_lse, void* out,
-           cudaStream_t stream) {
+int Launch(const Args& a, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   // Registers: q and acc take 2 * GT * V floats; keep the loads in flight (2 * U * 4) within budget.
   constexpr int U = GT * V > 32 ? 2 : 4;
-  const int splits = static_cast<int>(plan.splits);
-  const auto* qt = static_cast<const T*>(q);
-  const auto* kt = static_cast<const T*>(k_pool);
-  const auto* vt = static_cast<const T*>(v_pool);
-  auto* ot = static_cast<T*>(out);
-  SplitKernel<T, D, GT, U><<<static_cast<unsigned>(n * splits), kThreads, 0, stream>>>(
-      qt, kt, vt, seg_start, seg_len, G, splits, plan.chunk, scale, part_out, part_lse, splits == 1 ? ot : nullptr);
+  SplitKernel<T, D, GT, U><<<static_cast<unsigned>(a.n * a.splits), kThreads, 0, stream>>>(a);
   if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
-  if (splits > 1) {
-    const int threads = std::min(512, (G * D + 31) / 32 * 32);
-    CombineKernel<T><<<static_cast<unsigned>(n), threads, 0, stream>>>(part_out, part_lse, G, D, splits, ot);
+  if (a.splits > 1) {
+    const int threads = std::min(512, (a.G * D + 31) / 32 * 32);
+    CombineKernel<T, D><<<static_cast<unsigned>(a.n), threads, 0, stream>>>(a);
   }
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T, int D>
-int LaunchG(const void* q, const void* k_pool, const void* v_pool, const int32_t* seg_start, const int32_t* seg_len,
-            int64_t n, int G, const SplitPlan& plan, float scale, float* part_out, float* part_lse, void* out,
-            cudaStream_t s) {
-  if (G == 1) return Launch<T, D, 1>(q, k_pool, v_pool, seg_start, seg_len, n, G, plan, scale, part_out, part_lse, out, s);
-  if (G == 2) return Launch<T, D, 2>(q, k_pool, v_pool, seg_start, seg_len, n, G, plan, scale, part_out, part_lse, out, s);
-  if (G <= 4) return Launch<T, D, 4>(q, k_pool, v_pool, seg_start, seg_len, n, G, plan, scale, part_out, part_lse, out, s);
-  return Launch<T, D, 8>(q, k_pool, v_pool, seg_start, seg_len, n, G, plan, scale, part_out, part_lse, out, s);
+int LaunchG(const Args& a, cudaStream_t s) {
+  if (a.G == 1) return Launch<T, D, 1>(a, s);
+  if (a.G == 2) return Launch<T, D, 2>(a, s);
+  if (a.G <= 4) return Launch<T, D, 4>(a, s);
+  return Launch<T, D, 8>(a, s);
 }
 
 template <typename T>
-int LaunchD(const void* q, const void* k_pool, const void* v_pool, const int32_t* seg_start, const int32_t* seg_len,
-            int64_t n, int G, int64_t D, const SplitPlan& plan, float scale, float* part_out, float* part_lse,
-            void* out, cudaStream_t s) {
-  if (D == 64)
-    return LaunchG<T, 64>(q, k_pool, v_pool, seg_start, seg_len, n, G, plan, scale, part_out, part_lse, out, s);
-  if (D == 128)
-    return LaunchG<T, 128>(q, k_pool, v_pool, seg_start, seg_len, n, G, plan, scale, part_out, part_lse, out, s);
+int LaunchD(const Args& a, int64_t D, cudaStream_t s) {
+  if (D == 64) return LaunchG<T, 64>(a, s);
+  if (D == 128) return LaunchG<T, 128>(a, s);
   if constexpr (sizeof(T) == 2) {
-    if (D == 256)
-      return LaunchG<T, 256>(q, k_pool, v_pool, seg_start, seg_len, n, G, plan, scale, part_out, part_lse, out, s);
+    if (D == 256) return LaunchG<T, 256>(a, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace
 
-int DecodeAttentionSplits(int64_t max_len, int64_t segments, int num_sms) {
-  return static_cast<int>(PlanSplits(max_len, segments, num_sms).splits);
+int DecodeAttentionSplits(int64_t max_len, int64_t segments, int num_sms, const DecodeAttentionTuning& tuning) {
+  return static_cast<int>(PlanSplits(max_len, segments, num_sms, tuning).splits);
 }
 
 bool DecodeAttentionSupported(DType dtype, int64_t G, int64_t D) {
@@ -359,28 +379,27 @@ bool DecodeAttentionSupported(DType dtype, int64_t G, int64_t D) {
   return D == 256 && dtype != DType::kFloat32;
 }
 
-int DecodeAttention(DType dtype, const void* q, const void* k_pool, const void* v_pool, const int32_t* seg_start,
-                    const int32_t* seg_len, int64_t n, int64_t G, int64_t D, int64_t max_len, float scale,
-                    float* partial_out, float* partial_lse, void* out, int num_sms, void* stream) {
-  if (n < 0 || !DecodeAttentionSupported(dtype, G, D)) return static_cast<int>(cudaErrorInvalidValue);
-  if (n == 0) return 0;
-  if (!Aligned16(q) || !Aligned16(k_pool) || !Aligned16(v_pool) || !Aligned16(out))
+int DecodeAttention(DType dtype, const void* q, int64_t heads, int64_t q_token_stride, const void* k_pool,
+                    const void* v_pool, const int32_t* seg_start, const int32_t* seg_len, int64_t n, int64_t G,
+                    int64_t D, int64_t max_len, float scale, float* partial_out, float* partial_lse, void* out,
+                    int num_sms, void* stream, const DecodeAttentionTuning& tuning) {
+  if (n < 0 || heads < 1 || n % heads != 0 || !DecodeAttentionSupported(dtype, G, D))
     return static_cast<int>(cudaErrorInvalidValue);
-  const SplitPlan plan = PlanSplits(max_len, n, num_sms);
+  if (n == 0) return 0;
+  const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
+  if (!Aligned16(q) || (q_token_stride * elem) % 16 != 0 || !Aligned16(k_pool) || !Aligned16(v_pool) ||
+      !Aligned16(out))
+    return static_cast<int>(cudaErrorInvalidValue);
+  const SplitPlan plan = PlanSplits(max_len, n, num_sms, tuning);
   if (n * plan.splits > INT32_MAX || (plan.splits > 1 && (partial_out == nullptr || partial_lse == nullptr)))
     return static_cast<int>(cudaErrorInvalidValue);
+  const Args a{q,      k_pool, v_pool, seg_start, seg_len, n, heads, q_token_stride, static_cast<int>(G),
+               static_cast<int>(plan.splits), plan.chunk, scale * kLog2e, partial_out, partial_lse, out};
   auto s = static_cast<cudaStream_t>(stream);
-  const int g = static_cast<int>(G);
   switch (dtype) {
-    case DType::kFloat32:
-      return LaunchD<float>(q, k_pool, v_pool, seg_start, seg_len, n, g, D, plan, scale, partial_out, partial_lse,
-                            out, s);
-    case DType::kFloat16:
-      return LaunchD<__half>(q, k_pool, v_pool, seg_start, seg_len, n, g, D, plan, scale, partial_out, partial_lse,
-                             out, s);
-    case DType::kBFloat16:
-      return LaunchD<__nv_bfloat16>(q, k_pool, v_pool, seg_start, seg_len, n, g, D, plan, scale, partial_out,
-                                    partial_lse, out, s);
+    case DType::kFloat32: return LaunchD<float>(a, D, s);
+    case DType::kFloat16: return LaunchD<__half>(a, D, s);
+    case DType::kBFloat16: return LaunchD<__nv_bfloat16>(a, D, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -180,43 +180,6 @@ at::Tensor HeadwiseCache::AttendFlash(Layer& L, const at::Tensor& q, int64_t t, 
   return std::get<0>(out).view({heads, t, group, d}).permute({0, 2, 1, 3}).reshape({heads * group, t, d});
 }
 
-at::Tensor HeadwiseCache::AppendAndAttendBatch(const std::vector<HeadwiseCache*>& caches, int64_t layer,
-                                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               double scale) {
-  TORCH_CHECK(!caches.empty(), "AppendAndAttendBatch: no caches");
-  KvPool* pool = caches[0]->pool_;
-  const int64_t b = static_cast<int64_t>(caches.size()), heads = caches[0]->num_kv_heads_;
-  const int64_t n = b * heads;
-  const at::Device device = caches[0]->device_;
-  // Segment i * H + h is kv head h of cache i: its first pool row, and its length after the append.
-  std::vector<int64_t> dst(n);
-  std::vector<int32_t> meta(2 * n + 1);  // cu_seqlens_k [n + 1], then seqused_k [n]
-  int64_t max_k = 0;
-  for (int64_t i = 0; i < b; ++i) {
-    HeadwiseCache& c = *caches[i];
-    TORCH_CHECK(c.pool_ == pool && c.batchable() && c.num_kv_heads_ == heads,
-                "AppendAndAttendBatch: every cache must come from the same pool on a CUDA device");
-    Layer& L = c.layers_[layer];
-    if (auto cap = GrownCapacities(L.length, L.capacity, 1); !cap.empty()) c.Relayout(layer, cap);
-    for (int64_t h = 0; h < heads; ++h) {
-      const int64_t first = L.pool_start + L.offset[h], j = i * heads + h;
-      dst[j] = first + L.length[h];
-      meta[j] = static_cast<int32_t>(first);
-      L.length[h] += 1;
-      meta[n + 1 + j] = static_cast<int32_t>(L.length[h]);
-      max_k = std::max(max_k, L.length[h]);
-    }
-    L.meta_stale = true;  // the single-cache path rebuilds its device metadata
-  }
-  meta[n] = static_cast<int32_t>(pool->rows());
-  // Pageable host memory: these copies finish before .to() returns.
-  at::Tensor dst_t = at::from_blob(dst.data(), {n}, at::TensorOptions().dtype(at::kLong)).to(device);
-  at::Tensor meta_t = at::from_blob(meta.data(), {2 * n + 1}, at::TensorOptions().dtype(at::kInt)).to(device);
-  at::Tensor cu_k = meta_t.narrow(0, 0, n + 1), used = meta_t.narrow(0, n + 1, n);
-  at::Tensor cu_q = at::arange(0, n + 1, at::TensorOptions().dtype(at::kInt).device(device));
-  return AttendPlanned(*pool, dst_t, cu_k, used, cu_q, max_k, q, k, v, scale);
-}
-
 HeadwiseCache::BatchPlan HeadwiseCache::PlanBatch(const std::vector<HeadwiseCache*>& caches, const at::Tensor& ids,
                                                   const at::Tensor& positions) {
   TORCH_CHECK(!caches.empty(), "PlanBatch: no caches");
@@ -259,25 +222,44 @@ HeadwiseCache::BatchPlan HeadwiseCache::PlanBatch(const std::vector<HeadwiseCach
   return plan;
 }
 
-at::Tensor HeadwiseCache::AttendPlanned(const KvPool& pool, const at::Tensor& rows, const at::Tensor& cu_k,
-                                        const at::Tensor& used, const at::Tensor& cu_q, int64_t max_k,
-                                        const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  const int64_t heads = k.size(0), b = k.size(1), d = k.size(2), group = q.size(0) / heads, n = b * heads;
-  // [H_kv, B, D] -> rows in segment order (cache-major).
-  pool.k().index_copy_(0, rows, k.transpose(0, 1).reshape({n, d}));
-  pool.v().index_copy_(0, rows, v.transpose(0, 1).reshape({n, d}));
-  // [H_q, B, D] -> [B * H_kv, G, D]: segment i * H + h holds the G query heads reading kv head h.
-  at::Tensor qp = q.reshape({heads, group, b, d}).permute({2, 0, 1, 3}).reshape({n, group, d});
-  // The split-KV decode kernel when it is switched on (DEFKV_DECODE_KERNEL=1) and covers the case
-  // (CUDA, half precision, D 64/128/256); the varlen flash call otherwise. Both give [n, G, D].
-  at::Tensor o = model::FusedDecodeAttention(qp, pool.k(), pool.v(), cu_k.narrow(0, 0, n), used, max_k, scale);
-  if (!o.defined()) {
-    o = std::get<0>(at::_flash_attention_forward(qp, pool.k().view({-1, 1, d}), pool.v().view({-1, 1, d}), cu_q,
-                                                 cu_k, /*max_q=*/1, max_k, /*dropout_p=*/0.0, /*is_causal=*/false,
-                                                 /*return_debug_mask=*/false, scale, std::nullopt, std::nullopt,
-                                                 used));
+HeadwiseCache::DevicePlan HeadwiseCache::SliceUploaded(const at::Tensor& uploaded, int64_t batch, int64_t segments,
+                                                       int64_t max_k, int64_t layers) {
+  const int64_t b = batch, n = segments, stride = 3 * n + 1;
+  DevicePlan p;
+  p.batch = b;
+  p.segments = n;
+  p.max_k = max_k;
+  p.ids = uploaded.narrow(0, 0, b);
+  p.positions = uploaded.narrow(0, b, b);
+  at::Tensor meta = uploaded.narrow(0, 2 * b, layers * stride).view({layers, stride});
+  p.rows = meta.narrow(1, 0, n);
+  at::Tensor meta32 = meta.narrow(1, n, 2 * n + 1).to(at::kInt);  // [layers, cu_k (n + 1) | used (n)]
+  p.cu_k = meta32.narrow(1, 0, n + 1);
+  p.used = meta32.narrow(1, n + 1, n);
+  p.cu_q = at::arange(0, n + 1, at::TensorOptions().dtype(at::kInt).device(uploaded.device()));
+  return p;
+}
+
+at::Tensor HeadwiseCache::AttendPlanned(const KvPool& pool, const DevicePlan& plan, int64_t layer, const at::Tensor& q,
+                                        const at::Tensor& k, const at::Tensor& v, double scale) {
+  const int64_t b = k.size(0), heads = k.size(1), d = k.size(2), hq = q.size(1), group = hq / heads, n = b * heads;
+  const at::Tensor rows = plan.rows[layer], used = plan.used[layer], cu_k = plan.cu_k[layer];
+  // The append: one kernel for K and V where it applies, else [B, H, D] rows in segment order.
+  if (!model::FusedAppendRows(k, v, rows, pool.k(), pool.v())) {
+    pool.k().index_copy_(0, rows, k.reshape({n, d}));
+    pool.v().index_copy_(0, rows, v.reshape({n, d}));
   }
-  return o.view({b, heads, group, d}).permute({1, 2, 0, 3}).reshape({heads * group, b, d});
+  // The split-KV decode kernel reads q in place; the varlen flash call (DEFKV_DECODE_KERNEL=0, or
+  // a case the kernel does not take) needs q as [n, G, D] (segment t * H + h holds the G query
+  // heads of token t reading kv head h). Both give [B, H_q, D].
+  at::Tensor o = model::FusedDecodeAttention(q, heads, pool.k(), pool.v(), cu_k.narrow(0, 0, n), used, plan.max_k,
+                                             scale);
+  if (o.defined()) return o;
+  o = std::get<0>(at::_flash_attention_forward(q.reshape({n, group, d}), pool.k().view({-1, 1, d}),
+                                               pool.v().view({-1, 1, d}), plan.cu_q, cu_k, /*max_q=*/1, plan.max_k,
+                                               /*dropout_p=*/0.0, /*is_causal=*/false, /*return_debug_mask=*/false,
+                                               scale, std::nullopt, std::nullopt, used));
+  return o.view({b, hq, d});
 }
 
 at::Tensor HeadwiseCache::AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const {
@@ -297,8 +279,14 @@ void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, 
   TORCH_CHECK(static_cast<int64_t>(kept.size()) == num_kv_heads_, "Compact: one index set per kv head");
   std::vector<int64_t> cap(num_kv_heads_), new_len(num_kv_heads_);
   std::vector<at::Tensor> src_rows;
+  // Every head's indices come to the host in one transfer (one synchronisation, not one per head).
+  std::vector<at::Tensor> flat;
+  for (const auto& k : kept) flat.push_back(k.to(kept[0].device(), at::kLong).reshape({-1}));
+  const at::Tensor all = at::cat(flat).to(at::kCPU);
+  int64_t from = 0;
   for (int64_t h = 0; h < num_kv_heads_; ++h) {
-    at::Tensor idx = std::get<0>(kept[h].to(at::kCPU, at::kLong).sort());
+    at::Tensor idx = std::get<0>(all.narrow(0, from, flat[h].numel()).sort());
+    from += flat[h].numel();
     TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < L.length[h]),
                 "Compact: kept index outside head ", h, "'s ", L.length[h], " entries");
     new_len[h] = idx.numel();

@@ -30,14 +30,6 @@ class HeadwiseCache final : public KvCache {
   HeadwiseCache(const HeadwiseCache&) = delete;
   HeadwiseCache& operator=(const HeadwiseCache&) = delete;
 
-  // One layer of a decode step of B caches sharing one pool (CUDA, bf16/fp16): k, v: [H_kv, B, D]
-  // (the new token of each), q: [H_q, B, D]. Appends with one scatter and attends with one flash
-  // varlen call over all B * H_kv segments. Output [H_q, B, D], as B AppendAndAttend calls give.
-  // It copies its metadata to the device itself; the model's step uses PlanBatch and
-  // AttendPlanned instead (one upload for all layers).
-  static at::Tensor AppendAndAttendBatch(const std::vector<HeadwiseCache*>& caches, int64_t layer,
-                                         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         double scale);
   // A decode step of B caches sharing one pool, planned for every layer before it runs: a full
   // segment grows, each segment takes the pool row of its new entry and its length after the
   // append, and all of it lands in one int64 host buffer (pinned), so the step uploads its
@@ -52,13 +44,25 @@ class HeadwiseCache final : public KvCache {
   };
   static BatchPlan PlanBatch(const std::vector<HeadwiseCache*>& caches, const at::Tensor& ids,
                              const at::Tensor& positions);
-  // The device side of one layer of a planned step: writes k, v ([H_kv, B, D]) to `rows` and
-  // attends q ([H_q, B, D]) over the segments (cu_k, used: int32 on the device; cu_q: 0..n).
-  // max_k may exceed the longest segment. Output [H_q, B, D].
-  static at::Tensor AttendPlanned(const KvPool& pool, const at::Tensor& rows, const at::Tensor& cu_k,
-                                  const at::Tensor& used, const at::Tensor& cu_q, int64_t max_k,
-                                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
-  // True when AppendAndAttendBatch applies to this cache (pooled, CUDA, half precision).
+  // The device side of a plan: its `host` buffer uploaded (`uploaded`, int64 on the device) and
+  // sliced per layer, with int32 copies of cu_k and used (one conversion for all layers) and
+  // cu_q = 0..n for the flash call.
+  struct DevicePlan {
+    at::Tensor ids, positions;  // [B] int64
+    at::Tensor rows;            // [layers, n] int64
+    at::Tensor cu_k, used;      // [layers, n + 1], [layers, n] int32
+    at::Tensor cu_q;            // [n + 1] int32
+    int64_t batch = 0, segments = 0, max_k = 0;
+  };
+  static DevicePlan SliceUploaded(const at::Tensor& uploaded, int64_t batch, int64_t segments, int64_t max_k,
+                                  int64_t layers);
+  // One layer of a planned step on the device: writes k, v ([B, H_kv, D]: the new token of each
+  // sequence) to the plan's rows and attends q ([B, H_q, D]) over the segments. q, k, v may be
+  // views of the qkv projection (rows of D contiguous, any token stride). max_k may exceed the
+  // longest segment. Output [B, H_q, D] contiguous.
+  static at::Tensor AttendPlanned(const KvPool& pool, const DevicePlan& plan, int64_t layer, const at::Tensor& q,
+                                  const at::Tensor& k, const at::Tensor& v, double scale);
+  // True when PlanBatch takes this cache (pooled, CUDA, half precision).
   bool batchable() const;
   KvPool* pool() const { return pool_; }
 

@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -16,11 +17,16 @@
 #include <nlohmann/json.hpp>
 
 #ifdef DEFKV_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <ATen/ops/_flash_attention_forward.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "core/engine/compressor.h"
 #include "core/model/config.h"
+#include "core/model/fused_ops.h"
 #include "core/model/transformer.h"
 #include "core/press/registry.h"
 #include "kernels/device_info.h"
@@ -48,6 +54,12 @@ usage: defkv-bench [options]
   --graphs on|off      on (default): the cache takes its rows from a KV pool sized for the run and
                        decode steps replay as CUDA graphs, as in the server (CUDA, half precision);
                        off: a cache of its own and eager decode steps
+  --attn-sweep LIST    instead of the tables: the decode step's attention alone (one layer, the
+                       shape's head layout), varlen flash against the split-KV kernel under each
+                       tuning, over SEGMENTSxTOKENS items (segment lengths drawn from
+                       [TOKENS/2, TOKENS]); "default" is a grid of 8..1024 segments x 512..32768
+  --attn-tunings LIST  the kernel's chunking for --attn-sweep, MIN_CHUNK:BLOCKS_PER_SM items
+                       (default 128:64,256:16)
   --json               one JSON object per run instead of the table
 LISTs are comma-separated.
 )";
@@ -248,18 +260,14 @@ BatchRow RunBatched(const defkv::model::Transformer& m, int64_t tokens, int64_t 
   std::vector<defkv::cache::HeadwiseCache*> hc;
   for (auto& c : caches) hc.push_back(c.get());
   auto plan = defkv::cache::HeadwiseCache::PlanBatch(hc, ids, pos);
-  const int64_t n = plan.segments, stride = 3 * n + 1;
-  at::Tensor dev = plan.host.to(m.device());
-  at::Tensor meta = dev.narrow(0, 2 * batch, cfg.num_layers * stride).view({cfg.num_layers, stride});
-  at::Tensor meta32 = meta.narrow(1, n, 2 * n + 1).to(at::kInt);
-  at::Tensor cu_q = at::arange(0, n + 1, at::TensorOptions().dtype(at::kInt).device(m.device()));
-  at::Tensor q = at::randn({cfg.num_heads, batch, cfg.head_dim}, opts);
-  at::Tensor kn = at::randn({cfg.num_kv_heads, batch, cfg.head_dim}, opts), vn = at::randn_like(kn);
+  const auto dev = defkv::cache::HeadwiseCache::SliceUploaded(plan.host.to(m.device()), batch, plan.segments,
+                                                              plan.max_k, cfg.num_layers);
+  at::Tensor q = at::randn({batch, cfg.num_heads, cfg.head_dim}, opts);
+  at::Tensor kn = at::randn({batch, cfg.num_kv_heads, cfg.head_dim}, opts), vn = at::randn_like(kn);
   const double scale = 1.0 / std::sqrt(static_cast<double>(cfg.head_dim));
   auto attend_all = [&] {
     for (int64_t l = 0; l < cfg.num_layers; ++l)
-      defkv::cache::HeadwiseCache::AttendPlanned(pool, meta[l].narrow(0, 0, n), meta32[l].narrow(0, 0, n + 1),
-                                                 meta32[l].narrow(0, n + 1, n), cu_q, plan.max_k, q, kn, vn, scale);
+      defkv::cache::HeadwiseCache::AttendPlanned(pool, dev, l, q, kn, vn, scale);
   };
   attend_all();
   Sync(m.device());
@@ -269,6 +277,149 @@ BatchRow RunBatched(const defkv::model::Transformer& m, int64_t tokens, int64_t 
   r.attention_ms = 1e3 * Seconds(t1, Clock::now()) / 10;
   r.roofline = bw > 0 ? (r.step_ms / 1e3) / ((static_cast<double>(m.weight_bytes()) + r.kv_bytes) / bw) : 0;
   return r;
+}
+
+
+// The attention of one decode step over `segments` segments of one pool (lengths drawn from
+// [tokens / 2, tokens], bound `tokens`), through the varlen flash call and through the split-KV
+// kernel under each tuning. Each variant is captured as a CUDA graph of 20 calls and replayed,
+// so launch gaps count as they do in the server's decode graphs. Milliseconds per call.
+struct SweepRow {
+  int64_t segments = 0, tokens = 0;
+  double kv_bytes = 0, flash_ms = 0;
+  std::vector<double> kernel_ms;
+};
+
+#ifdef DEFKV_WITH_CUDA
+double GraphMs(const std::function<void()>& call, const at::Device& dev) {
+  constexpr int kCalls = 20, kReplays = 5;
+  c10::cuda::CUDAStreamGuard side(c10::cuda::getStreamFromPool(false, dev.index() < 0 ? 0 : dev.index()));
+  call();  // eager warm-up (allocations, flash's first-call set-up)
+  Sync(dev);
+  at::cuda::CUDAGraph graph;
+  graph.capture_begin();
+  for (int i = 0; i < kCalls; ++i) call();
+  graph.capture_end();
+  graph.replay();
+  Sync(dev);
+  const auto t = Clock::now();
+  for (int i = 0; i < kReplays; ++i) graph.replay();
+  Sync(dev);
+  return 1e3 * Seconds(t, Clock::now()) / (kCalls * kReplays);
+}
+
+SweepRow SweepOne(const ModelConfig& cfg, at::ScalarType dtype, const at::Device& dev, int64_t segments, int64_t tokens,
+                  const std::vector<std::pair<int64_t, int64_t>>& tunings) {
+  at::InferenceMode guard;
+  const int64_t d = cfg.head_dim, group = cfg.num_heads / cfg.num_kv_heads;
+  SweepRow r{segments, tokens};
+  std::mt19937_64 rng(segments * 1000003 + tokens);
+  std::vector<int32_t> start(segments), len(segments), cu(segments + 1);
+  int64_t rows = 0;
+  for (int64_t j = 0; j < segments; ++j) {
+    start[j] = cu[j] = static_cast<int32_t>(rows);
+    len[j] = static_cast<int32_t>(tokens / 2 + static_cast<int64_t>(rng() % static_cast<uint64_t>(tokens / 2 + 1)));
+    rows += len[j];
+  }
+  cu[segments] = static_cast<int32_t>(rows);
+  auto opts = at::TensorOptions().dtype(dtype).device(dev);
+  const auto i32 = at::TensorOptions().dtype(at::kInt);
+  at::Tensor k_pool = at::randn({rows, d}, opts), v_pool = at::randn({rows, d}, opts);
+  at::Tensor q = at::randn({segments, group, d}, opts);
+  at::Tensor seg_start = at::from_blob(start.data(), {segments}, i32).to(dev);
+  at::Tensor seg_len = at::from_blob(len.data(), {segments}, i32).to(dev);
+  at::Tensor cu_k = at::from_blob(cu.data(), {segments + 1}, i32).to(dev);
+  at::Tensor cu_q = at::arange(0, segments + 1, i32.device(dev));
+  r.kv_bytes = 2.0 * static_cast<double>(rows * d) * static_cast<double>(k_pool.element_size());
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  r.flash_ms = GraphMs(
+      [&] {
+        at::_flash_attention_forward(q, k_pool.view({-1, 1, d}), v_pool.view({-1, 1, d}), cu_q, cu_k, 1, tokens, 0.0,
+                                     false, false, scale, std::nullopt, std::nullopt, seg_len);
+      },
+      dev);
+  const bool was_on = defkv::model::DecodeKernelEnabled();
+  defkv::model::SetDecodeKernel(true);
+  for (const auto& [min_chunk, blocks] : tunings) {
+    defkv::model::SetDecodeAttentionTuning(min_chunk, blocks);
+    r.kernel_ms.push_back(GraphMs(
+        [&] {
+          TORCH_CHECK(defkv::model::FusedDecodeAttention(q, 1, k_pool, v_pool, seg_start, seg_len, tokens, scale)
+                          .defined(),
+                      "the decode kernel does not cover this shape");
+        },
+        dev));
+  }
+  defkv::model::SetDecodeAttentionTuning(0, 0);
+  defkv::model::SetDecodeKernel(was_on);
+  return r;
+}
+#endif
+
+// --attn-sweep: the table of SweepOne rows for every shape.
+int AttentionSweep(std::map<std::string, std::string>& a, const at::Device& dev, at::ScalarType dtype, double bw,
+                   bool json) {
+#ifdef DEFKV_WITH_CUDA
+  if (!dev.is_cuda() || dtype == at::kFloat) {
+    std::fprintf(stderr, "defkv-bench: --attn-sweep needs --device cuda and a half-precision --dtype\n");
+    return 2;
+  }
+  const auto pairs = [](const std::string& list, char sep, const char* what) {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (const auto& item : Split(list)) {
+      const auto x = item.find(sep);
+      if (x == std::string::npos) {
+        std::fprintf(stderr, "defkv-bench: %s takes A%cB items, not %s\n", what, sep, item.c_str());
+        std::exit(2);
+      }
+      out.emplace_back(std::stoll(item.substr(0, x)), std::stoll(item.substr(x + 1)));
+    }
+    return out;
+  };
+  std::string grid_spec = a["--attn-sweep"];
+  if (grid_spec == "default") {
+    grid_spec.clear();
+    for (int64_t s : {8, 32, 128, 256, 512, 1024})
+      for (int64_t t : {512, 2048, 6618, 16384, 32768}) grid_spec += std::to_string(s) + "x" + std::to_string(t) + ",";
+  }
+  const auto grid = pairs(grid_spec, 'x', "--attn-sweep");
+  const auto tunings = pairs(a["--attn-tunings"], ':', "--attn-tunings");
+  for (const auto& shape : Split(a["--shapes"])) {
+    const ModelConfig cfg = Shape(shape);
+    if (!json) {
+      std::printf("\ndecode attention alone (%s: G %lld, D %lld), ms per call and GB/s of K+V read\n", shape.c_str(),
+                  static_cast<long long>(cfg.num_heads / cfg.num_kv_heads), static_cast<long long>(cfg.head_dim));
+      std::printf("%8s %7s %8s %15s", "segments", "tokens", "kv_GB", "flash");
+      for (const auto& [c, b] : tunings) std::printf(" %15s", ("kernel " + std::to_string(c) + ":" + std::to_string(b)).c_str());
+      std::printf("\n");
+    }
+    for (const auto& [segments, tokens] : grid) {
+      // Room: the pool (at most TOKENS rows per segment) beside what is already allocated.
+      if (2.0 * segments * tokens * cfg.head_dim * 2 > 40e9) continue;
+      EmptyCache(dev);
+      const SweepRow r = SweepOne(cfg, dtype, dev, segments, tokens, tunings);
+      const auto rate = [&](double ms) { return r.kv_bytes / (ms * 1e-3) / 1e9; };
+      if (json) {
+        nlohmann::json j = {{"mode", "attention"}, {"shape", shape}, {"segments", r.segments}, {"tokens", r.tokens},
+                            {"kv_bytes", r.kv_bytes}, {"flash_ms", r.flash_ms}, {"copy_bandwidth", bw}};
+        for (size_t i = 0; i < tunings.size(); ++i)
+          j["kernel_ms"][std::to_string(tunings[i].first) + ":" + std::to_string(tunings[i].second)] = r.kernel_ms[i];
+        std::printf("%s\n", j.dump().c_str());
+      } else {
+        std::printf("%8lld %7lld %8.3f %7.3f (%5.0f)", static_cast<long long>(r.segments),
+                    static_cast<long long>(r.tokens), r.kv_bytes / 1e9, r.flash_ms, rate(r.flash_ms));
+        for (double ms : r.kernel_ms) std::printf(" %7.3f (%5.0f)", ms, rate(ms));
+        std::printf("\n");
+      }
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+#else
+  (void)a, (void)dev, (void)dtype, (void)bw, (void)json;
+  std::fprintf(stderr, "defkv-bench: --attn-sweep needs a CUDA build\n");
+  return 2;
+#endif
 }
 
 }  // namespace
@@ -283,7 +434,9 @@ int main(int argc, char** argv) {
                                           {"--device", "cuda"},
                                           {"--dtype", "bfloat16"},
                                           {"--graphs", "on"},
-                                          {"--batch-decode", ""}};
+                                          {"--batch-decode", ""},
+                                          {"--attn-sweep", ""},
+                                          {"--attn-tunings", "128:64,256:16"}};
   bool json = false;
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
@@ -317,6 +470,7 @@ int main(int argc, char** argv) {
     std::printf("%-12s %7s %-18s %5s %10s %10s %6s %9s %10s %9s %9s %8s\n", "shape", "context", "press", "ratio",
                 "prefill_s", "compress_s", "share", "ttft_s", "decode_ms", "kv_GB", "peak_GB", "roofline");
   }
+  if (!a["--attn-sweep"].empty()) return AttentionSweep(a, dev, dtype, bw, json);
   for (const auto& shape : Split(a["--shapes"])) {
     defkv::model::LoadOptions lo;
     lo.device = dev;

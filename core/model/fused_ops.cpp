@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/decode_attention.h"
+#include "kernels/kv_append.h"
 #include "kernels/norm_rope.h"
 #endif
 
@@ -27,15 +28,15 @@ std::atomic<bool>& Switch() {
   return on;
 }
 
-// Off unless DEFKV_DECODE_KERNEL=1: the kernel has not run on a GPU yet (its GPU tests are
-// written; the flash call stays the default until they pass).
 std::atomic<bool>& DecodeSwitch() {
   static std::atomic<bool> on{[] {
     const char* v = std::getenv("DEFKV_DECODE_KERNEL");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    return v == nullptr || std::strcmp(v, "0") != 0;
   }()};
   return on;
 }
+
+std::atomic<int64_t> g_min_chunk{0}, g_blocks_per_sm{0};
 
 #ifdef DEFKV_WITH_CUDA
 std::optional<kernels::DType> KernelDType(at::ScalarType t) {
@@ -69,14 +70,21 @@ void SetFusedKernels(bool on) { Switch().store(on); }
 bool FusedKernelsEnabled() { return Switch().load(); }
 void SetDecodeKernel(bool on) { DecodeSwitch().store(on); }
 bool DecodeKernelEnabled() { return DecodeSwitch().load(); }
+void SetDecodeAttentionTuning(int64_t min_chunk, int64_t blocks_per_sm) {
+  g_min_chunk.store(min_chunk);
+  g_blocks_per_sm.store(blocks_per_sm);
+}
 
 #ifndef DEFKV_WITH_CUDA
 bool FusedRmsNormOut(const at::Tensor&, const at::Tensor&, double, at::Tensor&) { return false; }
 at::Tensor FusedRmsNorm(const at::Tensor&, const at::Tensor&, double) { return {}; }
 bool FusedRopeInPlace(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
-at::Tensor FusedDecodeAttention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+at::Tensor FusedDecodeAttention(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, int64_t, double) {
   return {};
+}
+bool FusedAppendRows(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  return false;
 }
 #else
 
@@ -127,44 +135,71 @@ bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return true;
 }
 
-at::Tensor FusedDecodeAttention(const at::Tensor& qp, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                                const at::Tensor& seg_start, const at::Tensor& seg_len, int64_t max_len,
-                                double scale) {
-  if (!qp.defined() || !qp.is_cuda() || !DecodeKernelEnabled() || qp.dim() != 3 || !qp.is_contiguous()) return {};
-  const auto dtype = KernelDType(qp.scalar_type());
-  const int64_t n = qp.size(0), g = qp.size(1), d = qp.size(2);
+at::Tensor FusedDecodeAttention(const at::Tensor& q, int64_t heads, const at::Tensor& k_pool,
+                                const at::Tensor& v_pool, const at::Tensor& seg_start, const at::Tensor& seg_len,
+                                int64_t max_len, double scale) {
+  if (!q.defined() || !q.is_cuda() || q.dim() != 3 || heads < 1 || q.size(1) % heads != 0) return {};
+  const int64_t t = q.size(0), hq = q.size(1), d = q.size(2), g = hq / heads, n = t * heads;
+  if (!DecodeKernelEnabled()) return {};
+  const auto dtype = KernelDType(q.scalar_type());
   if (!dtype || !kernels::DecodeAttentionSupported(*dtype, g, d)) return {};
-  const auto pool_ok = [&](const at::Tensor& t) {
-    return t.defined() && t.scalar_type() == qp.scalar_type() && t.device() == qp.device() && t.dim() == 2 &&
-           t.size(1) == d && t.is_contiguous() && t.size(0) < INT32_MAX;
+  // Heads of a token adjacent, rows contiguous: [T, H * G, D] with strides (any, D, 1).
+  if (q.stride(2) != 1 || (hq > 1 && q.stride(1) != d)) return {};
+  const auto pool_ok = [&](const at::Tensor& p) {
+    return p.defined() && p.scalar_type() == q.scalar_type() && p.device() == q.device() && p.dim() == 2 &&
+           p.size(1) == d && p.is_contiguous() && p.size(0) < INT32_MAX;
   };
-  const auto meta_ok = [&](const at::Tensor& t) {
-    return t.defined() && t.scalar_type() == at::kInt && t.device() == qp.device() && t.dim() == 1 &&
-           t.size(0) == n && t.is_contiguous();
+  const auto meta_ok = [&](const at::Tensor& m) {
+    return m.defined() && m.scalar_type() == at::kInt && m.device() == q.device() && m.dim() == 1 &&
+           m.size(0) == n && m.is_contiguous();
   };
   if (!pool_ok(k_pool) || !pool_ok(v_pool) || !meta_ok(seg_start) || !meta_ok(seg_len)) return {};
-  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  if (!aligned(qp) || !aligned(k_pool) || !aligned(v_pool)) return {};
-  c10::cuda::CUDAGuard guard(qp.device());
-  at::Tensor out = at::empty({n, g, d}, qp.options());
+  const auto aligned = [](const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; };
+  if (!aligned(q) || (q.stride(0) * q.element_size()) % 16 != 0 || !aligned(k_pool) || !aligned(v_pool)) return {};
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({t, hq, d}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0) return out;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t splits = kernels::DecodeAttentionSplits(max_len, n, sms);
+  const kernels::DecodeAttentionTuning tuning{g_min_chunk.load(), g_blocks_per_sm.load()};
+  const int64_t splits = kernels::DecodeAttentionSplits(max_len, n, sms, tuning);
   // Scratch for the per-chunk partial results; one chunk per segment writes `out` directly.
   at::Tensor partial_out, partial_lse;
   if (splits > 1) {
-    const auto f32 = qp.options().dtype(at::kFloat);
+    const auto f32 = q.options().dtype(at::kFloat);
     partial_out = at::empty({n, splits, g, d}, f32);
     partial_lse = at::empty({n, splits, g}, f32);
   }
-  CheckLaunch(kernels::DecodeAttention(*dtype, qp.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
+  CheckLaunch(kernels::DecodeAttention(*dtype, q.data_ptr(), heads, q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(),
                                        seg_start.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(), n, g, d, max_len,
                                        static_cast<float>(scale),
                                        splits > 1 ? partial_out.data_ptr<float>() : nullptr,
                                        splits > 1 ? partial_lse.data_ptr<float>() : nullptr, out.data_ptr(), sms,
-                                       CurrentStream(qp)),
+                                       CurrentStream(q), tuning),
               "FusedDecodeAttention");
   return out;
+}
+
+bool FusedAppendRows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows, const at::Tensor& k_pool,
+                     const at::Tensor& v_pool) {
+  if (!Covered(k) || k.dim() != 3 || k.sizes() != v.sizes() || k.stride(2) != 1 || v.stride(2) != 1) return false;
+  const int64_t t = k.size(0), h = k.size(1), d = k.size(2);
+  if (v.scalar_type() != k.scalar_type() || v.device() != k.device()) return false;
+  if (!Matches(k_pool, k, {k_pool.size(0), d}) || !Matches(v_pool, k, {v_pool.size(0), d})) return false;
+  if (!rows.defined() || rows.scalar_type() != at::kLong || rows.device() != k.device() || rows.dim() != 1 ||
+      rows.size(0) != t * h || !rows.is_contiguous())
+    return false;
+  // Whole rows in 16-byte pieces: every address and stride a multiple of 16 bytes.
+  const int64_t e = k.element_size();
+  for (int64_t bytes : {d * e, k.stride(0) * e, k.stride(1) * e, v.stride(0) * e, v.stride(1) * e})
+    if (bytes % 16 != 0) return false;
+  for (const at::Tensor* x : {&k, &v, &k_pool, &v_pool})
+    if (reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 != 0) return false;
+  c10::cuda::CUDAGuard guard(k.device());
+  const int code = kernels::AppendRows(*KernelDType(k.scalar_type()), k.data_ptr(), k.stride(0), k.stride(1),
+                                       v.data_ptr(), v.stride(0), v.stride(1), t, h, d, rows.data_ptr<int64_t>(),
+                                       k_pool.data_ptr(), v_pool.data_ptr(), CurrentStream(k));
+  CheckLaunch(code, "FusedAppendRows");
+  return true;
 }
 
 #endif  // DEFKV_WITH_CUDA

@@ -28,20 +28,35 @@ at::Tensor FusedRmsNorm(const at::Tensor& x, const at::Tensor& w, double eps);
 bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // The split-KV decode attention of kernels/decode_attention.h, used by
-// HeadwiseCache::AttendPlanned in place of the varlen flash call. Its own switch: off unless
-// DEFKV_DECODE_KERNEL=1 is set when first asked (read once; it has not run on a GPU yet); tests
-// flip it.
+// HeadwiseCache::AttendPlanned in place of the varlen flash call: on an H200 it streams K/V at
+// 3.3-3.7 TB/s from 256 segments up where flash falls to 2.0-2.3, and matches flash (within
+// about 8%, either way) below (docs/PERFORMANCE.md, defkv-bench --attn-sweep). Its own switch,
+// read once from DEFKV_DECODE_KERNEL when first asked: on unless it is 0 (then flash). Tests and
+// benchmarks set it.
 void SetDecodeKernel(bool on);
 bool DecodeKernelEnabled();
+// The kernel's chunking (kernels::DecodeAttentionTuning), for benchmarks that sweep it; {0, 0}
+// restores the defaults.
+void SetDecodeAttentionTuning(int64_t min_chunk, int64_t blocks_per_sm);
 
-// One query token per segment: out[j, g] = softmax(scale * qp[j, g] . K_j^T) V_j, where segment
-// j is rows [seg_start[j], seg_start[j] + seg_len[j]) of k_pool and v_pool ([rows, D]
-// contiguous), zeros when seg_len[j] = 0. qp: [n, G, D] contiguous; seg_start, seg_len: int32
-// [n] contiguous on qp's device; max_len bounds every seg_len (the launch depends on it and n
-// only, so a CUDA graph stays valid while lengths grow up to it). Returns [n, G, D] in qp's
-// dtype, or undefined when not covered (CPU, switch off, dtype or D the kernel does not take).
-at::Tensor FusedDecodeAttention(const at::Tensor& qp, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                                const at::Tensor& seg_start, const at::Tensor& seg_len, int64_t max_len,
-                                double scale);
+// One query token per segment: segment j = t * H + h (H = `heads` kv heads per token) is rows
+// [seg_start[j], seg_start[j] + seg_len[j]) of k_pool and v_pool ([rows, D] contiguous), read by
+// query heads h * G .. h * G + G - 1 of token t:
+//   out[t, h * G + g] = softmax(scale * q[t, h * G + g] . K_j^T) V_j,  zeros when seg_len[j] = 0.
+// q: [T, H * G, D] with rows of D contiguous and heads adjacent (a view of the qkv projection
+// is fine); seg_start, seg_len: int32 [T * H] contiguous on q's device; max_len bounds every
+// seg_len (the launch depends on it and the sizes only, so a CUDA graph stays valid while lengths
+// grow up to it). Returns [T, H * G, D] contiguous in q's dtype, or undefined when not covered
+// (CPU, the switch off, a dtype, D or layout the kernel does not take).
+at::Tensor FusedDecodeAttention(const at::Tensor& q, int64_t heads, const at::Tensor& k_pool,
+                                const at::Tensor& v_pool, const at::Tensor& seg_start, const at::Tensor& seg_len,
+                                int64_t max_len, double scale);
+
+// The decode step's append (kernels/kv_append.h): k_pool[rows[t * H + h]] = k[t, h], likewise v.
+// k, v: [T, H, D] with rows of D contiguous (views of the projection are fine); rows: int64
+// [T * H] contiguous on their device; pools [rows, D] contiguous. False (nothing written) when
+// not covered: CPU, the fused switch off, a dtype or alignment the kernel does not take.
+bool FusedAppendRows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows, const at::Tensor& k_pool,
+                     const at::Tensor& v_pool);
 
 }  // namespace defkv::model

@@ -207,7 +207,8 @@ at::Tensor Transformer::Forward(const at::Tensor& ids, const at::Tensor& positio
   const double scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
   return Run(ids, positions, all_logits, hook,
              [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-               return cache.AppendAndAttend(l, q, k, v, scale);
+               return cache.AppendAndAttend(l, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale)
+                   .transpose(0, 1);
              });
 }
 
@@ -237,28 +238,23 @@ at::Tensor Transformer::ForwardBatch(const at::Tensor& ids, const at::Tensor& po
   }
   return Run(ids, positions, /*all_logits=*/true, nullptr,
              [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-               if (b == 1) return caches[0]->AppendAndAttend(l, q, k, v, scale);
+               // Each sequence alone: [1, H, D] -> [H, 1, D] for its cache, and back.
                std::vector<at::Tensor> outs;
                outs.reserve(b);
+               const auto one = [](const at::Tensor& x, int64_t i) { return x.narrow(0, i, 1).transpose(0, 1).contiguous(); };
                for (int64_t i = 0; i < b; ++i)
-                 outs.push_back(caches[i]->AppendAndAttend(l, q.narrow(1, i, 1).contiguous(), k.narrow(1, i, 1).contiguous(),
-                                                           v.narrow(1, i, 1).contiguous(), scale));
-               return at::cat(outs, 1);
+                 outs.push_back(caches[i]->AppendAndAttend(l, one(q, i), one(k, i), one(v, i), scale).transpose(0, 1));
+               return b == 1 ? outs[0] : at::cat(outs, 0);
              });
 }
 
 at::Tensor Transformer::DecodePlanned(const at::Tensor& plan, int64_t batch, int64_t segments, int64_t max_k,
                                       const cache::KvPool& pool) const {
-  const int64_t b = batch, n = segments, stride = 3 * n + 1, layers = config_.num_layers;
   const double scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
-  at::Tensor meta = plan.narrow(0, 2 * b, layers * stride).view({layers, stride});
-  at::Tensor meta32 = meta.narrow(1, n, 2 * n + 1).to(at::kInt);  // [L, cu_k (n + 1) | used (n)], contiguous
-  at::Tensor cu_q = at::arange(0, n + 1, at::TensorOptions().dtype(at::kInt).device(device_));
-  return Run(plan.narrow(0, 0, b), plan.narrow(0, b, b), /*all_logits=*/true, nullptr,
+  const auto p = cache::HeadwiseCache::SliceUploaded(plan, batch, segments, max_k, config_.num_layers);
+  return Run(p.ids, p.positions, /*all_logits=*/true, nullptr,
              [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-               at::Tensor m = meta32[l];
-               return cache::HeadwiseCache::AttendPlanned(pool, meta[l].narrow(0, 0, n), m.narrow(0, 0, n + 1),
-                                                          m.narrow(0, n + 1, n), cu_q, max_k, q, k, v, scale);
+               return cache::HeadwiseCache::AttendPlanned(pool, p, l, q, k, v, scale);
              });
 }
 
@@ -276,29 +272,27 @@ at::Tensor Transformer::Run(const at::Tensor& ids, const at::Tensor& positions, 
     at::Tensor x_norm = RmsNorm(x, L.input_norm);
     at::Tensor qkv = at::linear(x_norm, L.w_qkv, L.b_qkv);
     auto parts = qkv.split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
+    // Token-major views [T, H, D] of the projection, handed to `attend` as they are.
     at::Tensor q = parts[0].view({t, hq, d});
     at::Tensor k = parts[1].view({t, hkv, d});
-    at::Tensor v = parts[2].view({t, hkv, d}).transpose(0, 1);
+    at::Tensor v = parts[2].view({t, hkv, d});
     if (c.qk_norm) {
       q = RmsNorm(q, L.q_norm);
       k = RmsNorm(k, L.k_norm);
     }
-    // [T, H, D] -> [H, T, D]. The fused kernel may rotate q and k in place: they are columns of
-    // the fresh qkv, or fresh norm outputs, and nothing else reads them. Without q/k norms one
-    // launch covers both, as they sit side by side in qkv.
+    // The fused kernel may rotate q and k in place: they are columns of the fresh qkv, or fresh
+    // norm outputs, and nothing else reads them. Without q/k norms one launch covers both, as
+    // they sit side by side in qkv. Rope::Apply works on [H, T, D].
     const auto rope = [&](const at::Tensor& y) {
-      return FusedRopeInPlace(y, cos, sin) ? y.transpose(0, 1) : Rope::Apply(y.transpose(0, 1), cos, sin);
+      return FusedRopeInPlace(y, cos, sin) ? y : Rope::Apply(y.transpose(0, 1), cos, sin).transpose(0, 1);
     };
-    if (!c.qk_norm && FusedRopeInPlace(qkv.narrow(-1, 0, (hq + hkv) * d).view({t, hq + hkv, d}), cos, sin)) {
-      q = q.transpose(0, 1);
-      k = k.transpose(0, 1);
-    } else {
+    if (c.qk_norm || !FusedRopeInPlace(qkv.narrow(-1, 0, (hq + hkv) * d).view({t, hq + hkv, d}), cos, sin)) {
       q = rope(q);
       k = rope(k);
     }
-    at::Tensor attn = attend(l, q, k, v);  // [H_q, T, D]
+    at::Tensor attn = attend(l, q, k, v);  // [T, H_q, D]
     if (hook != nullptr) hook->AfterAttention(l, x_norm);
-    x = x + at::linear(attn.transpose(0, 1).reshape({t, hq * d}), L.w_o, L.b_o);
+    x = x + at::linear(attn.reshape({t, hq * d}), L.w_o, L.b_o);
 
     auto gu = at::linear(RmsNorm(x, L.post_norm), L.w_gate_up, L.b_gate_up).chunk(2, -1);
     x = x + at::linear(at::silu(gu[0]) * gu[1], L.w_down, L.b_down);

@@ -101,7 +101,9 @@ class Transformer {
   absl::Status Build(const WeightSource& get);
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w) const;
   // The layer stack over tokens ids [T] at positions [T]; `attend(layer, q, k, v)` stores k/v
-  // ([H_kv, T, D]) and returns the attention of q ([H_q, T, D]) as [H_q, T, D].
+  // ([T, H_kv, D]) and returns the attention of q ([T, H_q, D]) as [T, H_q, D]. q, k, v are
+  // token-major views of the qkv projection (rows of D contiguous, strided tokens) or of the
+  // q/k norm outputs.
   using Attend = std::function<at::Tensor(int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
   at::Tensor Run(const at::Tensor& ids, const at::Tensor& positions, bool all_logits, LayerHook* hook,
                  const Attend& attend) const;

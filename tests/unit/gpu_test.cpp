@@ -106,8 +106,9 @@ TEST_F(Gpu, HeadwiseAttentionMatchesCpu) {
 }
 
 // The batched decode step (continuous batching): caches of several requests in one pool, one
-// scatter and one flash call per layer, against each cache's own AppendAndAttend on the CPU in
-// fp32. The pool is poisoned first, so a row the batched append failed to write shows up.
+// append and one attention call per layer (PlanBatch, AttendPlanned), against each cache's own
+// AppendAndAttend on the CPU in fp32. The pool is poisoned first, so a row the batched append
+// failed to write shows up.
 TEST_F(Gpu, BatchedDecodeOverPoolMatchesEachCacheAlone) {
   at::manual_seed(11);
   const int64_t heads = 8, qheads = 32, d = 128;
@@ -142,17 +143,34 @@ TEST_F(Gpu, BatchedDecodeOverPoolMatchesEachCacheAlone) {
   std::vector<cache::HeadwiseCache*> batch;
   for (auto& c : gpu) batch.push_back(c.get());
   const int64_t b = static_cast<int64_t>(ctx.size());
-  for (int step = 0; step < 5; ++step)
+  // As the model's step runs it: one plan for both layers, uploaded once, then per layer the
+  // append and the attention, with q, k, v as token-major views of one projection-like buffer.
+  // Even steps attend with the split-KV kernel, odd ones with the varlen flash call.
+  const bool was_on = model::DecodeKernelEnabled();
+  for (int step = 0; step < 6; ++step) {
+    model::SetDecodeKernel(step % 2 == 0);
+    auto plan = cache::HeadwiseCache::PlanBatch(batch, at::zeros({b}, at::kLong), at::zeros({b}, at::kLong));
+    const auto dev = cache::HeadwiseCache::SliceUploaded(plan.host.to(at::kCUDA), b, plan.segments, plan.max_k, 2);
     for (int64_t l = 0; l < 2; ++l) {
-      auto q = at::randn({qheads, b, d}), k = at::randn({heads, b, d}), v = at::randn({heads, b, d});
-      auto out = cache::HeadwiseCache::AppendAndAttendBatch(batch, l, on(q), on(k), on(v), 0.088);
-      ASSERT_EQ(out.sizes(), (std::vector<int64_t>{qheads, b, d}));
+      auto qkv = at::randn({b, (qheads + 2 * heads) * d});
+      auto q = qkv.narrow(1, 0, qheads * d).view({b, qheads, d});
+      auto k = qkv.narrow(1, qheads * d, heads * d).view({b, heads, d});
+      auto v = qkv.narrow(1, (qheads + heads) * d, heads * d).view({b, heads, d});
+      auto qkv_gpu = on(qkv);
+      auto out = cache::HeadwiseCache::AttendPlanned(
+          pool, dev, l, qkv_gpu.narrow(1, 0, qheads * d).view({b, qheads, d}),
+          qkv_gpu.narrow(1, qheads * d, heads * d).view({b, heads, d}),
+          qkv_gpu.narrow(1, (qheads + heads) * d, heads * d).view({b, heads, d}), 0.088);
+      ASSERT_EQ(out.sizes(), (std::vector<int64_t>{b, qheads, d}));
       for (int64_t i = 0; i < b; ++i) {
-        auto ref = cpu[i]->AppendAndAttend(l, q.narrow(1, i, 1), k.narrow(1, i, 1).contiguous(),
-                                           v.narrow(1, i, 1).contiguous(), 0.088);
-        EXPECT_LT(RelErr(out.narrow(1, i, 1), ref), 1e-2) << "step " << step << " layer " << l << " request " << i;
+        const auto one = [&](const at::Tensor& x) { return x.narrow(0, i, 1).transpose(0, 1).contiguous(); };
+        auto ref = cpu[i]->AppendAndAttend(l, one(q), one(k), one(v), 0.088);
+        EXPECT_LT(RelErr(out.narrow(0, i, 1).transpose(0, 1), ref), 1e-2)
+            << "step " << step << " layer " << l << " request " << i;
       }
     }
+  }
+  model::SetDecodeKernel(was_on);
   for (int64_t i = 0; i < b; ++i) EXPECT_EQ(gpu[i]->head_lengths(1), cpu[i]->head_lengths(1));
   gpu.clear();
   EXPECT_EQ(pool.free_rows(), pool.rows());
@@ -239,19 +257,19 @@ TEST_F(Gpu, DecodeGraphsEqualEagerSteps) {
     *graphs = (*g)->decode_graphs();
     return out;
   };
-  int64_t eager_graphs = -1, graphs = -1, split_graphs = -1;
+  int64_t eager_graphs = -1, graphs = -1, flash_graphs = -1;
   const auto eager = run(0, &eager_graphs), replayed = run(16, &graphs);
-  // Graphs again, with the split-KV decode kernel in place of flash: bf16 sums in another order
-  // may flip a near-tie, so one request of the five may differ.
+  // Graphs again, with the varlen flash call in place of the split-KV decode kernel (the
+  // default): bf16 sums in another order may flip a near-tie, so one request of the five may differ.
   const bool was_on = model::DecodeKernelEnabled();
-  model::SetDecodeKernel(true);
-  const auto split = run(16, &split_graphs);
+  model::SetDecodeKernel(false);
+  const auto flash = run(16, &flash_graphs);
   model::SetDecodeKernel(was_on);
-  int split_same = 0;
-  for (size_t i = 0; i < reqs.size(); ++i) split_same += split[i] == eager[i];
-  std::printf("[gpu] decode graphs with the split-KV kernel: %d of %zu requests as eager flash\n", split_same,
-              reqs.size());
-  EXPECT_GE(split_same, static_cast<int>(reqs.size()) - 1);
+  int flash_same = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) flash_same += flash[i] == eager[i];
+  std::printf("[gpu] decode graphs with flash in place of the split-KV kernel: %d of %zu requests as eager\n",
+              flash_same, reqs.size());
+  EXPECT_GE(flash_same, static_cast<int>(reqs.size()) - 1);
   EXPECT_EQ(eager_graphs, 0);
   EXPECT_GE(graphs, 3) << "batch sizes 5, 4, 3, 2, 1 each get a graph";
   for (size_t i = 0; i < reqs.size(); ++i) {
@@ -460,11 +478,11 @@ TEST_F(Gpu, DecodeAttentionMatchesCpu) {
         auto out = at::full({n, g, d}, NAN, opts);
         auto part_out = at::full({n, splits, g, d}, NAN, opts.dtype(at::kFloat));
         auto part_lse = at::full({n, splits, g}, NAN, opts.dtype(at::kFloat));
-        ASSERT_EQ(kernels::DecodeAttention(kdtype, qp.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
-                                           seg_start.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(), n, g, d, bound,
-                                           static_cast<float>(scale), part_out.data_ptr<float>(),
-                                           part_lse.data_ptr<float>(), out.data_ptr(), sms,
-                                           c10::cuda::getCurrentCUDAStream().stream()),
+        ASSERT_EQ(kernels::DecodeAttention(kdtype, qp.data_ptr(), /*heads=*/1, g * d, k_pool.data_ptr(),
+                                           v_pool.data_ptr(), seg_start.data_ptr<int32_t>(),
+                                           seg_len.data_ptr<int32_t>(), n, g, d, bound, static_cast<float>(scale),
+                                           part_out.data_ptr<float>(), part_lse.data_ptr<float>(), out.data_ptr(),
+                                           sms, c10::cuda::getCurrentCUDAStream().stream()),
                   0)
             << what;
         ASSERT_FALSE(at::isnan(out).any().item<bool>()) << what;
@@ -493,7 +511,21 @@ TEST_F(Gpu, DecodeAttentionMatchesCpu) {
         // decode step never has an empty one).
         const bool was_on = model::DecodeKernelEnabled();
         model::SetDecodeKernel(true);
-        at::Tensor fused = model::FusedDecodeAttention(qp, k_pool, v_pool, seg_start, seg_len, bound, scale);
+        at::Tensor fused = model::FusedDecodeAttention(qp, 1, k_pool, v_pool, seg_start, seg_len, bound, scale);
+        // The same queries read in place from a projection-like buffer: tokens of H kv heads
+        // (n = tokens * H segments) with q, k and v side by side in each token's row. Same
+        // arithmetic, so the same bits.
+        {
+          const int64_t heads = n % 4 == 0 ? 4 : 2, tokens = n / heads;
+          ASSERT_EQ(n % heads, 0) << what;
+          auto proj = at::full({tokens, (heads * g + 2 * heads) * d}, NAN, opts);
+          auto q_view = proj.narrow(1, 0, heads * g * d).view({tokens, heads * g, d});
+          q_view.copy_(qp.view({tokens, heads * g, d}));
+          at::Tensor in_place =
+              model::FusedDecodeAttention(q_view, heads, k_pool, v_pool, seg_start, seg_len, bound, scale);
+          ASSERT_TRUE(in_place.defined()) << what;
+          EXPECT_TRUE(at::equal(in_place.view({n, g, d}), fused)) << what << ": q read in place differs";
+        }
         model::SetDecodeKernel(was_on);
         ASSERT_TRUE(fused.defined()) << what;
         auto cu_q = at::arange(0, n + 1, i32.device(at::kCUDA));
@@ -512,6 +544,52 @@ TEST_F(Gpu, DecodeAttentionMatchesCpu) {
     std::printf("[gpu] decode attention %-9s worst rel err %.2e vs CPU fp32, %.2e vs flash (seed %llu)\n",
                 c10::toString(dtype), worst_cpu, worst_flash, static_cast<unsigned long long>(seed));
   }
+}
+
+// The decode step's append kernel (kernels/kv_append.h) against index_copy_, its reference, bit
+// for bit: k and v as token-major views of a projection-like buffer (q, k, v side by side), and
+// k as a contiguous tensor (the q/k-norm output). The pools are NaN-poisoned: a row written to the
+// wrong place, or not written, shows up. Rows are a random permutation (segments of a batch sit
+// anywhere in the pool).
+TEST_F(Gpu, FusedAppendRowsMatchesIndexCopy) {
+  const uint64_t seed = FreshSeed();
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    for (int64_t tokens : {1, 5, 114})
+      for (int64_t heads : {1, 8})
+        for (int64_t d : {64, 128}) {
+          const int64_t qheads = 4 * heads, n = tokens * heads, pool_rows = 3 * n + 17;
+          const std::string what = std::string(c10::toString(dtype)) + " tokens " + std::to_string(tokens) +
+                                   " heads " + std::to_string(heads) + " D " + std::to_string(d) + " seed " +
+                                   std::to_string(seed);
+          auto proj = at::randn({tokens, (qheads + 2 * heads) * d}, opts);
+          auto k = proj.narrow(1, qheads * d, heads * d).view({tokens, heads, d});
+          auto v = proj.narrow(1, (qheads + heads) * d, heads * d).view({tokens, heads, d});
+          auto rows = at::randperm(pool_rows, at::TensorOptions().dtype(at::kLong).device(at::kCUDA)).narrow(0, 0, n);
+          for (bool contiguous_k : {false, true}) {
+            auto kk = contiguous_k ? k.contiguous() : k;
+            auto k_pool = at::full({pool_rows, d}, NAN, opts), v_pool = at::full({pool_rows, d}, NAN, opts);
+            auto k_ref = k_pool.clone(), v_ref = v_pool.clone();
+            ASSERT_TRUE(model::FusedAppendRows(kk, v, rows, k_pool, v_pool)) << what;
+            k_ref.index_copy_(0, rows, kk.reshape({n, d}));
+            v_ref.index_copy_(0, rows, v.reshape({n, d}));
+            // NaN != NaN: compare the written rows exactly, and the others as still NaN.
+            auto written = at::zeros({pool_rows}, opts.dtype(at::kBool)).index_fill_(0, rows, true);
+            EXPECT_TRUE(at::equal(k_pool.index_select(0, rows), k_ref.index_select(0, rows))) << what;
+            EXPECT_TRUE(at::equal(v_pool.index_select(0, rows), v_ref.index_select(0, rows))) << what;
+            EXPECT_TRUE(at::isnan(k_pool.index({~written})).all().item<bool>()) << what << ": a row outside `rows` was written";
+            EXPECT_TRUE(at::isnan(v_pool.index({~written})).all().item<bool>()) << what << ": a row outside `rows` was written";
+          }
+        }
+  }
+  // A layout the kernel does not take (rows of 3 elements: not whole 16-byte pieces) is refused,
+  // and nothing is written.
+  auto k = at::randn({2, 2, 3}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+  auto pool = at::full({8, 3}, NAN, k.options());
+  auto rows = at::arange(4, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  EXPECT_FALSE(model::FusedAppendRows(k, k, rows, pool, pool));
+  EXPECT_TRUE(at::isnan(pool).all().item<bool>());
+  std::printf("[gpu] append kernel: bit-equal to index_copy_ (seed %llu)\n", static_cast<unsigned long long>(seed));
 }
 
 TEST_F(Gpu, Stories260KGreedyStoryInFp32EqualsCpu) {
