@@ -15,6 +15,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/kv_append.h"
 #include "kernels/norm_rope.h"
+#include "kernels/value_norm.h"
 #endif
 
 namespace defkv::model {
@@ -86,6 +87,7 @@ at::Tensor FusedDecodeAttention(const at::Tensor&, int64_t, const at::Tensor&, c
 bool FusedAppendRows(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   return false;
 }
+at::Tensor FusedValueNorm(const at::Tensor&, const at::Tensor&, int64_t) { return {}; }
 #else
 
 bool FusedRmsNormOut(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
@@ -200,6 +202,26 @@ bool FusedAppendRows(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
                                        k_pool.data_ptr(), v_pool.data_ptr(), CurrentStream(k));
   CheckLaunch(code, "FusedAppendRows");
   return true;
+}
+
+at::Tensor FusedValueNorm(const at::Tensor& values, const at::Tensor& w_o, int64_t hq) {
+  if (!Covered(values) || values.dim() != 3 || !w_o.defined() || w_o.dim() != 2) return {};
+  const auto dtype = *KernelDType(values.scalar_type());
+  const int64_t hkv = values.size(0), n = values.size(1), d = values.size(2), hidden = w_o.size(0);
+  if (!kernels::ValueNormSupported(dtype, d) || hkv < 1 || hq < hkv || hq % hkv != 0 || hidden == 0 ||
+      hidden % 64 != 0 || !Matches(w_o, values, {hidden, hq * d}))
+    return {};
+  // Rows contiguous; the head stride (the cache's capacity) free up to 16-byte alignment.
+  if (values.stride(2) != 1 || (n > 1 && values.stride(1) != d) || values.stride(0) % 8 != 0) return {};
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  if (!aligned(values) || !aligned(w_o)) return {};
+  c10::cuda::CUDAGuard guard(values.device());
+  at::Tensor out = at::empty({hq, n}, values.options().dtype(at::kFloat));
+  if (n == 0) return out;
+  CheckLaunch(kernels::ValueNormL1(dtype, values.data_ptr(), hkv, n, values.stride(0), w_o.data_ptr(), hq, d, hidden,
+                                   out.data_ptr<float>(), CurrentStream(values)),
+              "FusedValueNorm");
+  return out;
 }
 
 #endif  // DEFKV_WITH_CUDA

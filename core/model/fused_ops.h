@@ -1,5 +1,6 @@
-// The fused RMSNorm and RoPE kernels of kernels/norm_rope.h for at::Tensor, used by
-// Transformer::Run on CUDA. Each entry says whether it covered the case; when it did not (a CPU
+// The kernels of kernels/ for at::Tensor: the fused RMSNorm and RoPE of kernels/norm_rope.h
+// (used by Transformer::Run on CUDA), the split-KV decode attention and the projected value norm
+// of the presses. Each entry says whether it covered the case; when it did not (a CPU
 // tensor or build, the switch off, a layout the kernel does not take) it touched nothing and the
 // caller runs the ATen expression, which stays the CPU reference. Launches go on the current
 // stream and allocate only through ATen, so a CUDA graph can capture them.
@@ -58,5 +59,15 @@ at::Tensor FusedDecodeAttention(const at::Tensor& q, int64_t heads, const at::Te
 // not covered: CPU, the fused switch off, a dtype or alignment the kernel does not take.
 bool FusedAppendRows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows, const at::Tensor& k_pool,
                      const at::Tensor& v_pool);
+
+// The projected value norm of kernels/value_norm.h, used by press::ProjectedValueNorm (the
+// DefensiveKV and CriticalKV output-projection weighting):
+//   out[h, t] = sum_e | sum_c values[h / (hq / H_kv), t, c] * w_o[e, h * D + c] |
+// values: [H_kv, n, D] with contiguous rows (row stride D) and any head stride that is a
+// multiple of 8 elements (the first n tokens of a layer's cache); w_o: o_proj.weight
+// [hidden, hq * D] contiguous, values' dtype. Returns [hq, n] fp32 (each element rounded once
+// to the input dtype), or undefined when not covered: CPU, switch off, fp32, D not in
+// {64, 128, 256}, hidden not a multiple of 64, a pointer not 16-byte aligned.
+at::Tensor FusedValueNorm(const at::Tensor& values, const at::Tensor& w_o, int64_t hq);
 
 }  // namespace defkv::model

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "core/model/fused_ops.h"
 #include "core/press/press.h"
 
 namespace defkv::press {
@@ -97,6 +98,10 @@ at::Tensor GroupMean(const at::Tensor& x, int64_t num_kv_heads) {
 at::Tensor ProjectedValueNorm(const LayerInputs& in, int64_t n) {
   const model::Transformer& m = *in.model;
   const int64_t hq = m.config().num_heads, d = m.config().head_dim, hidden = m.config().hidden_size;
+  // The fused kernel on CUDA (kernels/value_norm.h); this blocked ATen product is its fallback
+  // and the CPU reference.
+  if (at::Tensor fused = model::FusedValueNorm(in.values.narrow(1, 0, n), m.layer(in.layer).w_o, hq); fused.defined())
+    return fused;
   const int64_t group = hq / in.num_kv_heads();
   // W_o^(h) = o_proj.weight[:, hD:(h+1)D]^T, as [H_q, D, hidden].
   at::Tensor wo = m.layer(in.layer).w_o.view({hidden, hq, d}).permute({1, 2, 0});
