@@ -28,6 +28,8 @@
 #include "core/model/config.h"
 #include "core/model/fused_ops.h"
 #include "core/model/transformer.h"
+#include "core/press/defensivekv.h"
+#include "core/press/press.h"
 #include "core/press/registry.h"
 #include "kernels/device_info.h"
 
@@ -60,6 +62,9 @@ usage: defkv-bench [options]
                        [TOKENS/2, TOKENS]); "default" is a grid of 8..1024 segments x 512..32768
   --attn-tunings LIST  the kernel's chunking for --attn-sweep, MIN_CHUNK:BLOCKS_PER_SM items
                        (default 128:64,256:16)
+  --compress-profile   instead of the tables: the parts of compressing one layer, timed alone on a
+                       layer of random keys and values of each --contexts length (window 32,
+                       pooling 5, ratio 0.8, the presses' defaults)
   --json               one JSON object per run instead of the table
 LISTs are comma-separated.
 )";
@@ -356,6 +361,80 @@ SweepRow SweepOne(const ModelConfig& cfg, at::ScalarType dtype, const at::Device
 }
 #endif
 
+
+// --compress-profile: what compressing one layer costs, part by part, on random keys, values and
+// window rows of a `ctx`-token context (ms per call, the mean of 5 after one warm-up).
+void CompressProfile(const defkv::model::Transformer& m, const std::string& shape, int64_t ctx, bool json) {
+  namespace press = defkv::press;
+  const auto& cfg = m.config();
+  const at::Device dev = m.device();
+  at::InferenceMode guard;
+  auto opts = at::TensorOptions().dtype(m.dtype()).device(dev);
+  const at::Tensor k = at::randn({cfg.num_kv_heads, ctx, cfg.head_dim}, opts), v = at::randn_like(k);
+  const auto fresh_cache = [&] {
+    auto c = m.NewCache();
+    c->Reserve(ctx + 64);
+    c->Append(0, k, v);
+    return c;
+  };
+  auto cache = fresh_cache();
+  press::LayerInputs in;
+  in.layer = 0;
+  in.model = &m;
+  in.keys = cache->keys(0);
+  in.values = cache->values(0);
+  in.hidden = at::randn({32, cfg.hidden_size}, opts);
+  in.compression_ratio = 0.8;
+  const int64_t window = 32, kernel = 5, n = ctx - window, n_kept = press::NKept(ctx, 0.8);
+  const auto time_ms = [&](const std::function<void()>& fn) {
+    fn();
+    Sync(dev);
+    const auto t = Clock::now();
+    for (int i = 0; i < 5; ++i) fn();
+    Sync(dev);
+    return 1e3 * Seconds(t, Clock::now()) / 5;
+  };
+  const at::Tensor scores = at::rand({cfg.num_kv_heads, ctx}, opts.dtype(at::kFloat));
+  const at::Tensor attn = press::WindowAttention(in, window);
+  std::vector<std::pair<std::string, double>> parts;
+  parts.emplace_back("window attention", time_ms([&] { press::WindowAttention(in, window); }));
+  parts.emplace_back("avg pool + group mean",
+                     time_ms([&] { press::GroupMean(press::AvgPool(attn.mean(1), kernel), cfg.num_kv_heads); }));
+  parts.emplace_back("defensive aggregate",
+                     time_ms([&] { press::defensive::DefensiveAggregate(attn, cfg.num_kv_heads, kernel); }));
+  parts.emplace_back("projected value norm", time_ms([&] { press::ProjectedValueNorm(in, n); }));
+  const at::Tensor abar = press::GroupMean(attn.mean(1), cfg.num_kv_heads);
+  parts.emplace_back("stage-1 protection", time_ms([&] { press::defensive::StageOneProtected(abar, 0.9, 0.0, n_kept); }));
+  parts.emplace_back("top-k per head", time_ms([&] { press::TopKPerHead(scores, n_kept); }));
+  parts.emplace_back("flat top-k", time_ms([&] { press::FlatTopK(scores, cfg.num_kv_heads * n_kept); }));
+  parts.emplace_back("defensive layer scores",
+                     time_ms([&] { press::defensive::LayerScores(in, window, kernel, 0.9); }));
+  for (const char* name : {"snapkv", "adakv", "defensivekv"}) {
+    auto p = press::MakePress(name, {});
+    parts.emplace_back(std::string(name) + " CompressLayer", time_ms([&] { (*p)->CompressLayer(in); }));
+  }
+  const press::HeadSelection sel = press::TopKPerHead(scores, n_kept);
+  double compact_ms = 0;
+  for (int i = 0; i < 3; ++i) {
+    auto c = fresh_cache();
+    Sync(dev);
+    const auto t = Clock::now();
+    c->Compact(0, sel, 64);
+    Sync(dev);
+    compact_ms += 1e3 * Seconds(t, Clock::now()) / 3;
+  }
+  parts.emplace_back("compaction", compact_ms);
+  for (const auto& [what, ms] : parts) {
+    if (json) {
+      nlohmann::json j = {{"mode", "compress_profile"}, {"shape", shape}, {"context", ctx}, {"part", what}, {"ms", ms}};
+      std::printf("%s\n", j.dump().c_str());
+    } else {
+      std::printf("%-12s %7lld %-28s %9.3f\n", shape.c_str(), static_cast<long long>(ctx), what.c_str(), ms);
+    }
+  }
+  std::fflush(stdout);
+}
+
 // --attn-sweep: the table of SweepOne rows for every shape.
 int AttentionSweep(std::map<std::string, std::string>& a, const at::Device& dev, at::ScalarType dtype, double bw,
                    bool json) {
@@ -437,6 +516,7 @@ int main(int argc, char** argv) {
                                           {"--batch-decode", ""},
                                           {"--attn-sweep", ""},
                                           {"--attn-tunings", "128:64,256:16"}};
+  bool compress_profile = false;
   bool json = false;
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
@@ -446,6 +526,10 @@ int main(int argc, char** argv) {
     }
     if (k == "--json") {
       json = true;
+      continue;
+    }
+    if (k == "--compress-profile") {
+      compress_profile = true;
       continue;
     }
     if (!a.count(k) || i + 1 >= argc) {
@@ -467,6 +551,8 @@ int main(int argc, char** argv) {
   if (!json) {
     std::printf("device %s, copy bandwidth %.0f GB/s (read + write), decode graphs %s\n", dev.str().c_str(), bw / 1e9,
                 graphs ? "on" : "off");
+  }
+  if (!json && !compress_profile && a["--attn-sweep"].empty()) {
     std::printf("%-12s %7s %-18s %5s %10s %10s %6s %9s %10s %9s %9s %8s\n", "shape", "context", "press", "ratio",
                 "prefill_s", "compress_s", "share", "ttft_s", "decode_ms", "kv_GB", "peak_GB", "roofline");
   }
@@ -483,6 +569,11 @@ int main(int argc, char** argv) {
     if (graphs && !(*m)->EnableDecodeGraphs(256)) {
       std::fprintf(stderr, "defkv-bench: this build cannot capture CUDA graphs (run with --graphs off)\n");
       return 1;
+    }
+    if (compress_profile) {
+      if (!json) std::printf("\ncompressing one layer, part by part (ms per call)\n");
+      for (const auto& ctx_s : Split(a["--contexts"])) CompressProfile(**m, shape, std::stoll(ctx_s), json);
+      continue;
     }
     // Warm-up (cuBLAS handles, flash-attention and allocator pools), not reported.
     RunOne(**m, shape, 1024, "defensivekv", 0.5, 2, chunk, bw, graphs);
