@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/_flash_attention_forward.h>
 #include <c10/cuda/CUDAStream.h>
@@ -669,6 +670,12 @@ TEST_F(Gpu, PressKeptSetsAgreeWithCpu) {
     story += s;
   for (const auto& [name, g] : CompareKeptSets(testing::TestdataDir() + "/models/stories260K/hf", story))
     EXPECT_GE(static_cast<double>(g.same), 0.99 * static_cast<double>(g.total)) << name << ": " << g.same << "/" << g.total;
+  // For the record: the same with cuBLAS's reduced-precision bf16 reductions off (fp32 sums).
+  const bool reduced = at::globalContext().allowBF16ReductionCuBLAS();
+  at::globalContext().setAllowBF16ReductionCuBLAS(false);
+  std::printf("[gpu] the same with cuBLAS bf16 reduced-precision reductions off:\n");
+  CompareKeptSets(testing::TestdataDir() + "/models/stories260K/hf", story);
+  at::globalContext().setAllowBF16ReductionCuBLAS(reduced);
   std::string items;
   for (int i = 0; i < 14; ++i) items += "Item " + std::to_string(i * 37 % 101) + " goes to box " + std::to_string(i % 7) + ". ";
   CompareKeptSets(std::string(DEFKV_TINY_MODELS) + "/mistral", items);  // printed, not asserted
