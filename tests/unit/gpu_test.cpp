@@ -671,7 +671,8 @@ TEST_F(Gpu, PressKeptSetsAgreeWithCpu) {
   for (const auto& [name, g] : CompareKeptSets(testing::TestdataDir() + "/models/stories260K/hf", story))
     EXPECT_GE(static_cast<double>(g.same), 0.99 * static_cast<double>(g.total)) << name << ": " << g.same << "/" << g.total;
   // For the record: the same with cuBLAS's reduced-precision bf16 reductions off (fp32 sums).
-  const bool reduced = at::globalContext().allowBF16ReductionCuBLAS();
+  const bool reduced = at::globalContext().allowBF16ReductionCuBLAS() ==
+                       at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
   at::globalContext().setAllowBF16ReductionCuBLAS(false);
   std::printf("[gpu] the same with cuBLAS bf16 reduced-precision reductions off:\n");
   CompareKeptSets(testing::TestdataDir() + "/models/stories260K/hf", story);
