@@ -1,13 +1,19 @@
 // The CUDA half of norm_rope.h. Layouts and rounding are written there; the CPU reference is
-// the ATen code in core/model (Transformer::RmsNorm, Rope::Apply) that these kernels replace on
-// CUDA. Products and sums use __fmul_rn/__fadd_rn: nvcc would otherwise contract a * b + c into
-// one fma, which rounds once where ATen (one kernel per op) rounds twice.
+// the ATen code in core/model (Transformer::RmsNorm, Rope::Apply, the residual adds and the
+// SiLU gate of Transformer::Run) that these kernels replace on CUDA. Products and sums use
+// __fmul_rn/__fadd_rn: nvcc would otherwise contract a * b + c into one fma, which rounds once
+// where ATen (one kernel per op) rounds twice.
 //
 // RmsNorm: one block per row, 32 to 1024 threads, 16-byte loads when the row, w and y allow
 // them. The sum of squares is a float block reduction (so it may differ from ATen's reduction
 // order in the last bit); mean = sum * (1 / n) and rsqrtf as ATen's CUDA mean and rsqrt do.
+// AddRmsNorm: RmsNorm's kernel with the add in its first pass. The pack width and the threads
+// per row are chosen by RmsNorm's rule and the per-row steps are shared device functions, so y
+// is what RmsNorm would write for the new x, bit for bit.
 // RopeInPlace: one thread per V pairs (i, i + D/2) of one (token, head): both halves are read
 // before either is written, so the rotation is in place with no scratch.
+// SiluMul: one thread per V outputs, 16-byte loads when inter, gu and out allow them (the
+// result is the same either way: each element is computed alone).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -68,6 +74,33 @@ __device__ float BlockSum(float v) {
   return v;
 }
 
+// The steps of one RMSNorm row that RmsNormKernel and AddRmsNormKernel share, so that their
+// results agree bit for bit: squares summed per thread in element order, then BlockSum.
+template <typename T, int V>
+__device__ float AddSquares(float sum, Pack<T, V> p) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float f = Num<T>::ToFloat(p.v[j]);
+    sum = __fadd_rn(sum, __fmul_rn(f, f));
+  }
+  return sum;
+}
+
+// 1 / rms of the row from its block-wide sum of squares.
+__device__ float InvRms(float sum, float inv_n, float eps) { return rsqrtf(__fadd_rn(__fmul_rn(sum, inv_n), eps)); }
+
+// y = T(w * T(x * inv_rms)) for one pack of x and the matching pack of w.
+template <typename T, int V>
+__device__ Pack<T, V> Normalize(Pack<T, V> x, Pack<T, V> w, float inv_rms) {
+  Pack<T, V> out;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float normed = Round<T>(__fmul_rn(Num<T>::ToFloat(x.v[j]), inv_rms));
+    out.v[j] = Num<T>::FromFloat(__fmul_rn(Num<T>::ToFloat(w.v[j]), normed));
+  }
+  return out;
+}
+
 // x row r of [outer, inner, n] -> y [outer * inner, n]; one block per row.
 template <typename T, int V>
 __global__ void RmsNormKernel(const T* __restrict__ x, int64_t inner, int64_t n, int64_t stride_outer,
@@ -80,27 +113,36 @@ __global__ void RmsNormKernel(const T* __restrict__ x, int64_t inner, int64_t n,
   P* yr = reinterpret_cast<P*>(y + row * n);
   const int64_t packs = n / V;
   float sum = 0.f;
-  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-    const P p = xr[i];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float f = Num<T>::ToFloat(p.v[j]);
-      sum = __fadd_rn(sum, __fmul_rn(f, f));
-    }
-  }
-  sum = BlockSum(sum);
-  const float r = rsqrtf(__fadd_rn(__fmul_rn(sum, inv_n), eps));
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) sum = AddSquares(sum, xr[i]);
+  const float r = InvRms(BlockSum(sum), inv_n, eps);
   // Second pass over the row: it was just read, so this hits L1/L2.
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) yr[i] = Normalize(xr[i], wp[i], r);
+}
+
+// Row r of x [rows, n] += the same row of delta, then y row r = RmsNorm of it; one block per
+// row, the same threads per pack as RmsNormKernel. Each thread reads back in the second pass
+// only the packs it wrote in the first, so no barrier is needed between them.
+template <typename T, int V>
+__global__ void AddRmsNormKernel(T* __restrict__ x, const T* __restrict__ delta, int64_t n, const T* __restrict__ w,
+                                 float eps, float inv_n, T* __restrict__ y) {
+  using P = Pack<T, V>;
+  const int64_t row = blockIdx.x;
+  P* xr = reinterpret_cast<P*>(x + row * n);
+  const P* dr = reinterpret_cast<const P*>(delta + row * n);
+  const P* wp = reinterpret_cast<const P*>(w);
+  P* yr = reinterpret_cast<P*>(y + row * n);
+  const int64_t packs = n / V;
+  float sum = 0.f;
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-    const P p = xr[i], q = wp[i];
-    P out;
+    const P a = xr[i], b = dr[i];
+    P s;
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float normed = Round<T>(__fmul_rn(Num<T>::ToFloat(p.v[j]), r));
-      out.v[j] = Num<T>::FromFloat(__fmul_rn(Num<T>::ToFloat(q.v[j]), normed));
-    }
-    yr[i] = out;
+    for (int j = 0; j < V; ++j) s.v[j] = Num<T>::FromFloat(__fadd_rn(Num<T>::ToFloat(a.v[j]), Num<T>::ToFloat(b.v[j])));
+    xr[i] = s;
+    sum = AddSquares(sum, s);
   }
+  const float r = InvRms(BlockSum(sum), inv_n, eps);
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) yr[i] = Normalize(xr[i], wp[i], r);
 }
 
 // One thread per V pairs (j .. j + V, half + j .. half + j + V) of one (token, head).
@@ -135,16 +177,48 @@ __global__ void RopeKernel(T* __restrict__ x, int64_t heads, int64_t half, int64
   }
 }
 
+// One thread per V elements of out [rows, inter]: its row's gate g and up u are the two halves
+// of the gu row. ATen's at::silu is x / (1 + expf(-x)) in float (expf and an IEEE division,
+// as nvcc compiles them without fast math), rounded to T; the product with u is then rounded.
+template <typename T, int V>
+__global__ void SiluMulKernel(const T* __restrict__ gu, int64_t inter, T* __restrict__ out, int64_t total) {
+  using P = Pack<T, V>;
+  const int64_t packs = inter / V;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const T* g = gu + (i / packs) * 2 * inter + (i % packs) * V;
+    const P gp = *reinterpret_cast<const P*>(g), up = *reinterpret_cast<const P*>(g + inter);
+    P o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float x = Num<T>::ToFloat(gp.v[k]);
+      const float silu = Round<T>(__fdiv_rn(x, __fadd_rn(1.f, expf(-x))));
+      o.v[k] = Num<T>::FromFloat(__fmul_rn(silu, Num<T>::ToFloat(up.v[k])));
+    }
+    *reinterpret_cast<P*>(out + i * V) = o;
+  }
+}
+
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether RmsNorm takes its rows in 16-byte packs, and its threads per row: together they fix
+// the reduction order, so AddRmsNorm decides both the same way.
+template <typename T>
+bool RmsNormVec(int64_t n, int64_t inner, int64_t stride_outer, int64_t stride_inner, const void* x, const void* w,
+                const void* y) {
+  constexpr int kVec = 16 / sizeof(T);
+  return n % kVec == 0 && stride_outer % kVec == 0 && (inner == 1 || stride_inner % kVec == 0) && Aligned16(x) &&
+         Aligned16(w) && Aligned16(y);
+}
+int RmsNormThreads(int64_t packs) {
+  return static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (packs + 31) / 32 * 32)));
+}
 
 template <typename T>
 int LaunchRmsNorm(const void* x, int64_t outer, int64_t inner, int64_t n, int64_t stride_outer, int64_t stride_inner,
                   const void* w, float eps, void* y, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = n % kVec == 0 && stride_outer % kVec == 0 && (inner == 1 || stride_inner % kVec == 0) &&
-                   Aligned16(x) && Aligned16(w) && Aligned16(y);
-  const int64_t packs = vec ? n / kVec : n;
-  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (packs + 31) / 32 * 32)));
+  const bool vec = RmsNormVec<T>(n, inner, stride_outer, stride_inner, x, w, y);
+  const int threads = RmsNormThreads(vec ? n / kVec : n);
   const dim3 grid(static_cast<unsigned>(outer * inner));
   const float inv_n = 1.f / static_cast<float>(n);
   const auto* xt = static_cast<const T*>(x);
@@ -154,6 +228,27 @@ int LaunchRmsNorm(const void* x, int64_t outer, int64_t inner, int64_t n, int64_
     RmsNormKernel<T, kVec><<<grid, threads, 0, stream>>>(xt, inner, n, stride_outer, stride_inner, wt, eps, inv_n, yt);
   else
     RmsNormKernel<T, 1><<<grid, threads, 0, stream>>>(xt, inner, n, stride_outer, stride_inner, wt, eps, inv_n, yt);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// x, y as RmsNorm's [rows, 1, n] with stride_outer = n; delta is read in the packs x is read in.
+template <typename T>
+int LaunchAddRmsNorm(void* x, const void* delta, int64_t rows, int64_t n, const void* w, float eps, void* y,
+                     cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = RmsNormVec<T>(n, 1, n, 0, x, w, y);
+  if (vec && !Aligned16(delta)) return static_cast<int>(cudaErrorInvalidValue);
+  const int threads = RmsNormThreads(vec ? n / kVec : n);
+  const dim3 grid(static_cast<unsigned>(rows));
+  const float inv_n = 1.f / static_cast<float>(n);
+  auto* xt = static_cast<T*>(x);
+  const auto* dt = static_cast<const T*>(delta);
+  const auto* wt = static_cast<const T*>(w);
+  auto* yt = static_cast<T*>(y);
+  if (vec)
+    AddRmsNormKernel<T, kVec><<<grid, threads, 0, stream>>>(xt, dt, n, wt, eps, inv_n, yt);
+  else
+    AddRmsNormKernel<T, 1><<<grid, threads, 0, stream>>>(xt, dt, n, wt, eps, inv_n, yt);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -177,6 +272,24 @@ int LaunchRope(void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T>
+int LaunchSiluMul(const void* gu, int64_t rows, int64_t inter, void* out, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = inter % kVec == 0 && Aligned16(gu) && Aligned16(out);
+  const int64_t total = rows * (vec ? inter / kVec : inter);
+  // 128 threads: a batch-1 decode step has ~2K packs (inter 14336 to 18944 in bf16), and
+  // smaller blocks spread them over more SMs.
+  constexpr int kThreads = 128;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 16)));
+  const auto* gt = static_cast<const T*>(gu);
+  auto* ot = static_cast<T*>(out);
+  if (vec)
+    SiluMulKernel<T, kVec><<<grid, kThreads, 0, stream>>>(gt, inter, ot, total);
+  else
+    SiluMulKernel<T, 1><<<grid, kThreads, 0, stream>>>(gt, inter, ot, total);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace
 
 int RmsNorm(DType dtype, const void* x, int64_t outer, int64_t inner, int64_t n, int64_t stride_outer,
@@ -193,6 +306,19 @@ int RmsNorm(DType dtype, const void* x, int64_t outer, int64_t inner, int64_t n,
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
+int AddRmsNorm(DType dtype, void* x, const void* delta, int64_t rows, int64_t n, const void* w, float eps, void* y,
+               void* stream) {
+  if (rows < 0 || n < 0 || rows > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows == 0 || n == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return LaunchAddRmsNorm<float>(x, delta, rows, n, w, eps, y, s);
+    case DType::kFloat16: return LaunchAddRmsNorm<__half>(x, delta, rows, n, w, eps, y, s);
+    case DType::kBFloat16: return LaunchAddRmsNorm<__nv_bfloat16>(x, delta, rows, n, w, eps, y, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
 int RopeInPlace(DType dtype, void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t stride_t,
                 int64_t stride_h, const void* cos, const void* sin, void* stream) {
   if (tokens < 0 || heads < 0 || head_dim < 0 || head_dim % 2 != 0) return static_cast<int>(cudaErrorInvalidValue);
@@ -203,6 +329,18 @@ int RopeInPlace(DType dtype, void* x, int64_t tokens, int64_t heads, int64_t hea
     case DType::kFloat16: return LaunchRope<__half>(x, tokens, heads, head_dim, stride_t, stride_h, cos, sin, s);
     case DType::kBFloat16:
       return LaunchRope<__nv_bfloat16>(x, tokens, heads, head_dim, stride_t, stride_h, cos, sin, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int SiluMul(DType dtype, const void* gu, int64_t rows, int64_t inter, void* out, void* stream) {
+  if (rows < 0 || inter < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows == 0 || inter == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return LaunchSiluMul<float>(gu, rows, inter, out, s);
+    case DType::kFloat16: return LaunchSiluMul<__half>(gu, rows, inter, out, s);
+    case DType::kBFloat16: return LaunchSiluMul<__nv_bfloat16>(gu, rows, inter, out, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -6,8 +6,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #ifdef DEFKV_WITH_CUDA
+#include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -58,6 +60,11 @@ bool Matches(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef sizes) {
          t.is_contiguous();
 }
 
+// Whether a and b share no memory (the kernels read one while they write the other).
+bool Apart(const at::Tensor& a, const at::Tensor& b) {
+  return at::get_overlap_status(a, b) == at::MemOverlapStatus::No;
+}
+
 void* CurrentStream(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
 
 void CheckLaunch(int code, const char* op) {
@@ -79,6 +86,9 @@ void SetDecodeAttentionTuning(int64_t min_chunk, int64_t blocks_per_sm) {
 #ifndef DEFKV_WITH_CUDA
 bool FusedRmsNormOut(const at::Tensor&, const at::Tensor&, double, at::Tensor&) { return false; }
 at::Tensor FusedRmsNorm(const at::Tensor&, const at::Tensor&, double) { return {}; }
+bool FusedAddRmsNormInPlace(at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&) { return false; }
+bool FusedSiluMulOut(const at::Tensor&, at::Tensor&) { return false; }
+at::Tensor FusedSiluMul(const at::Tensor&) { return {}; }
 bool FusedRopeInPlace(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 at::Tensor FusedDecodeAttention(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, int64_t, double) {
@@ -116,6 +126,46 @@ at::Tensor FusedRmsNorm(const at::Tensor& x, const at::Tensor& w, double eps) {
   if (!Covered(x)) return {};
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   return FusedRmsNormOut(x, w, eps, out) ? out : at::Tensor();
+}
+
+bool FusedAddRmsNormInPlace(at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps, at::Tensor& y) {
+  if (!Covered(x) || x.dim() == 0 || !x.is_contiguous()) return false;
+  const int64_t n = x.size(-1);
+  if (!Matches(delta, x, x.sizes()) || !Matches(w, x, {n}) || (y.defined() && !Matches(y, x, x.sizes())))
+    return false;
+  // The kernel takes delta in 16-byte packs whenever it takes x so (kernels/norm_rope.h).
+  if (reinterpret_cast<uintptr_t>(delta.data_ptr()) % 16 != 0) return false;
+  // The kernel reads delta and w while it writes x and y.
+  if (!Apart(x, delta) || !Apart(x, w) || (y.defined() && (!Apart(y, x) || !Apart(y, delta) || !Apart(y, w))))
+    return false;
+  c10::cuda::CUDAGuard guard(x.device());
+  if (!y.defined()) y = at::empty(x.sizes(), x.options());
+  CheckLaunch(kernels::AddRmsNorm(*KernelDType(x.scalar_type()), x.data_ptr(), delta.data_ptr(),
+                                  n == 0 ? 0 : x.numel() / n, n, w.data_ptr(), static_cast<float>(eps), y.data_ptr(),
+                                  CurrentStream(x)),
+              "FusedAddRmsNormInPlace");
+  return true;
+}
+
+bool FusedSiluMulOut(const at::Tensor& gu, at::Tensor& out) {
+  if (!Covered(gu) || gu.dim() == 0 || !gu.is_contiguous() || gu.size(-1) % 2 != 0) return false;
+  const int64_t inter = gu.size(-1) / 2;
+  std::vector<int64_t> sizes = gu.sizes().vec();
+  sizes.back() = inter;
+  if (!Matches(out, gu, sizes) || !Apart(out, gu)) return false;
+  c10::cuda::CUDAGuard guard(gu.device());
+  CheckLaunch(kernels::SiluMul(*KernelDType(gu.scalar_type()), gu.data_ptr(), inter == 0 ? 0 : gu.numel() / (2 * inter),
+                               inter, out.data_ptr(), CurrentStream(gu)),
+              "FusedSiluMul");
+  return true;
+}
+
+at::Tensor FusedSiluMul(const at::Tensor& gu) {
+  if (!Covered(gu) || gu.dim() == 0) return {};
+  std::vector<int64_t> sizes = gu.sizes().vec();
+  sizes.back() /= 2;
+  at::Tensor out = at::empty(sizes, gu.options().memory_format(at::MemoryFormat::Contiguous));
+  return FusedSiluMulOut(gu, out) ? out : at::Tensor();
 }
 
 bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {

@@ -1,9 +1,10 @@
-// The kernels of kernels/ for at::Tensor: the fused RMSNorm and RoPE of kernels/norm_rope.h
-// (used by Transformer::Run on CUDA), the split-KV decode attention and the projected value norm
-// of the presses. Each entry says whether it covered the case; when it did not (a CPU
-// tensor or build, the switch off, a layout the kernel does not take) it touched nothing and the
-// caller runs the ATen expression, which stays the CPU reference. Launches go on the current
-// stream and allocate only through ATen, so a CUDA graph can capture them.
+// The kernels of kernels/ for at::Tensor: the fused RMSNorm, residual add + RMSNorm, RoPE and
+// SiLU gate of kernels/norm_rope.h (used by Transformer::Run on CUDA), the decode step's append
+// and split-KV attention, and the projected value norm of the presses. Each entry says whether it
+// covered the case; when it did not (a CPU tensor or build, the switch off, a layout the kernel
+// does not take) it touched nothing and the caller runs the ATen expression, which stays the CPU
+// reference. Launches go on the current stream and allocate only through ATen, so a CUDA graph
+// can capture them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +23,21 @@ bool FusedKernelsEnabled();
 bool FusedRmsNormOut(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out);
 // The same into a new tensor; undefined when not covered.
 at::Tensor FusedRmsNorm(const at::Tensor& x, const at::Tensor& w, double eps);
+
+// x = x + delta in place, rounded as ATen's add rounds it, then y = the RMSNorm of the new x with
+// weight w [n], bit for bit what FusedRmsNormOut writes for it; one launch. x, delta: the same
+// shape [..., n], contiguous; delta 16-byte aligned (any fresh ATen tensor is). y: x's shape,
+// contiguous, or undefined and then allocated here when covered. x, delta, w and y must not
+// overlap (checked: not covered otherwise). When not covered, x and y are untouched and the
+// caller runs x = x + delta; RmsNorm(x, w).
+bool FusedAddRmsNormInPlace(at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps, at::Tensor& y);
+
+// at::silu(g) * u for gu = [g | u] split along its last dim ([..., 2 * inter], contiguous, the
+// gate/up projection), rounded as ATen rounds the two ops, into `out` ([..., inter] contiguous,
+// gu's dtype, not overlapping gu).
+bool FusedSiluMulOut(const at::Tensor& gu, at::Tensor& out);
+// The same into a new tensor; undefined when not covered.
+at::Tensor FusedSiluMul(const at::Tensor& gu);
 
 // x = x * cos + rotate_half(x) * sin in place, rounded as Rope::Apply rounds it. x: [T, H, D],
 // contiguous last dim, D even, other strides free as long as no two (t, h) rows overlap;

@@ -386,6 +386,96 @@ TEST_F(Gpu, FusedRopeMatchesCpu) {
   }
 }
 
+// The fused residual add + RMSNorm against the CPU fp32 expression (x + delta, then
+// Transformer::RmsNorm's), and bit for bit against the two-step path it replaces on the GPU:
+// ATen's x + delta, then FusedRmsNormOut (whose reduction the kernel shares). Also printed: how
+// many elements of y differ from Transformer::RmsNorm's ATen expression on the GPU (the
+// reduction order differs), and of x from ATen's x + delta (none expected). n = 100 is not a
+// multiple of 8: element-by-element loads in bf16 and fp16. A misaligned delta is declined.
+TEST_F(Gpu, FusedAddRmsNormMatchesCpu) {
+  const uint64_t seed = FreshSeed();
+  const double eps = 1e-6;
+  const auto cpu = [](const at::Tensor& a) { return a.to(at::kCPU, at::kFloat); };
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    const double tol = dtype == at::kFloat ? 1e-5 : 1e-2;
+    double worst = 0;
+    int64_t x_differ = 0, y_differ = 0, total = 0;
+    for (int64_t rows : {1, 7, 300})
+      for (int64_t n : {4096, 3584, 128, 100}) {
+        const std::string what = "rows " + std::to_string(rows) + " n " + std::to_string(n);
+        at::Tensor x = at::randn({rows, n}, opts) * 3;
+        const at::Tensor delta = at::randn({rows, n}, opts), w = 1 + 0.1 * at::randn({n}, opts);
+        // Every reference from the inputs, before x is updated in place.
+        const at::Tensor x_ref = cpu(x) + cpu(delta);
+        const at::Tensor y_ref = cpu(w) * (x_ref * at::rsqrt(x_ref.pow(2).mean(-1, /*keepdim=*/true) + eps));
+        const at::Tensor x_aten = x + delta, xf = x_aten.to(at::kFloat);
+        const at::Tensor y_aten = w * (xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps)).to(dtype);
+        at::Tensor y_two_step = at::full({rows, n}, NAN, opts);
+        ASSERT_TRUE(model::FusedRmsNormOut(x_aten, w, eps, y_two_step)) << what;
+
+        at::Tensor y = at::full({rows, n}, NAN, opts);
+        ASSERT_TRUE(model::FusedAddRmsNormInPlace(x, delta, w, eps, y)) << what;
+        for (const double err : {RelErr(x, x_ref), RelErr(y, y_ref)}) {
+          worst = std::max(worst, err);
+          EXPECT_LT(err, tol) << what << " dtype " << dtype << " seed " << seed;
+        }
+        EXPECT_TRUE(at::equal(x, x_aten)) << what << " dtype " << dtype << ": x differs from ATen's x + delta, seed "
+                                          << seed;
+        EXPECT_TRUE(at::equal(y, y_two_step))
+            << what << " dtype " << dtype << ": y differs from FusedRmsNormOut of the new x, seed " << seed;
+        x_differ += (x != x_aten).sum().item<int64_t>();
+        y_differ += (y != y_aten).sum().item<int64_t>();
+        total += y.numel();
+      }
+    // delta one element past a 16-byte boundary: not covered, nothing touched.
+    at::Tensor x = at::randn({7, 128}, opts), before = x.clone(), y;
+    const at::Tensor delta = at::randn({7 * 128 + 1}, opts).narrow(0, 1, 7 * 128).view({7, 128});
+    EXPECT_FALSE(model::FusedAddRmsNormInPlace(x, delta, at::ones({128}, opts), eps, y)) << dtype;
+    EXPECT_TRUE(at::equal(x, before) && !y.defined()) << dtype;
+    std::printf("[gpu] fused add + RMSNorm %-9s worst rel err %.2e vs CPU fp32; elements differing from ATen: "
+                "x %lld/%lld, y %lld/%lld (seed %llu)\n",
+                c10::toString(dtype), worst, static_cast<long long>(x_differ), static_cast<long long>(total),
+                static_cast<long long>(y_differ), static_cast<long long>(total), static_cast<unsigned long long>(seed));
+  }
+}
+
+// The fused SiLU gate against at::silu(g) * u on the CPU in fp32, and bit for bit against the
+// same expression run by ATen on the GPU: the kernel computes silu as ATen's CUDA kernel does
+// (x / (1 + expf(-x)) in float, rounded to the dtype) and rounds the product. gu = [g | u] is
+// the gate/up projection; inter = 100 is not a multiple of 8 (no 16-byte loads in bf16, fp16).
+TEST_F(Gpu, FusedSiluMulMatchesCpu) {
+  const uint64_t seed = FreshSeed();
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    const double tol = dtype == at::kFloat ? 1e-5 : 1e-2;
+    double worst = 0;
+    int64_t differ = 0, total = 0;
+    for (int64_t t : {1, 7, 300})
+      for (int64_t inter : {14336, 18944, 100}) {
+        const std::string what = "T " + std::to_string(t) + " inter " + std::to_string(inter);
+        const at::Tensor gu = at::randn({t, 2 * inter}, opts) * 3;
+        const auto parts = gu.chunk(2, -1);
+        const at::Tensor ref = at::silu(parts[0].to(at::kCPU, at::kFloat)) * parts[1].to(at::kCPU, at::kFloat);
+        const at::Tensor aten = at::silu(parts[0]) * parts[1];
+        at::Tensor out = at::full({t, inter}, NAN, opts);
+        ASSERT_TRUE(model::FusedSiluMulOut(gu, out)) << what;
+        const double err = RelErr(out, ref);
+        worst = std::max(worst, err);
+        EXPECT_LT(err, tol) << what << " dtype " << dtype << " seed " << seed;
+        const int64_t d = (out != aten).sum().item<int64_t>();
+        EXPECT_EQ(d, 0) << what << " dtype " << dtype << ": elements differing from ATen's at::silu(g) * u, seed "
+                        << seed;
+        differ += d;
+        total += out.numel();
+      }
+    std::printf("[gpu] fused SiLU gate %-9s worst rel err %.2e vs CPU fp32, %lld/%lld elements differ from ATen "
+                "(seed %llu)\n",
+                c10::toString(dtype), worst, static_cast<long long>(differ), static_cast<long long>(total),
+                static_cast<unsigned long long>(seed));
+  }
+}
+
 // A random tiny model in bf16 (with and without qwen3's q/k norms): logits of a 20-token
 // prefill and 3 decode steps with the fused kernels against the ATen path.
 TEST_F(Gpu, FusedKernelsKeepModelLogits) {
