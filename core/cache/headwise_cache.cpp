@@ -86,12 +86,16 @@ bool HeadwiseCache::batchable() const {
 }
 
 void HeadwiseCache::Reserve(int64_t tokens) {
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    auto& L = layers_[l];
-    std::vector<int64_t> cap(num_kv_heads_);
-    for (int64_t h = 0; h < num_kv_heads_; ++h) cap[h] = std::max(tokens, L.length[h]);
-    Relayout(static_cast<int64_t>(l), cap);
-  }
+  for (auto& L : layers_) L.reserve = tokens;
+}
+
+void HeadwiseCache::AllocateReserved(int64_t layer) {
+  Layer& L = layers_[layer];
+  if (L.reserve == 0) return;
+  std::vector<int64_t> cap(num_kv_heads_);
+  for (int64_t h = 0; h < num_kv_heads_; ++h) cap[h] = std::max(L.reserve, L.length[h]);
+  L.reserve = 0;
+  Relayout(layer, cap);
 }
 
 void HeadwiseCache::Relayout(int64_t layer, const std::vector<int64_t>& cap) {
@@ -126,6 +130,7 @@ void HeadwiseCache::Append(int64_t layer, const at::Tensor& k, const at::Tensor&
 }
 
 void HeadwiseCache::Write(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
+  AllocateReserved(layer);
   Layer& L = layers_[layer];
   const int64_t t = k.size(1);
   if (auto cap = GrownCapacities(L.length, L.capacity, t); !cap.empty()) Relayout(layer, cap);
@@ -206,6 +211,7 @@ HeadwiseCache::BatchPlan HeadwiseCache::PlanBatch(const std::vector<HeadwiseCach
     int64_t *cu_k = rows + n, *used = cu_k + n + 1;
     for (int64_t i = 0; i < b; ++i) {
       HeadwiseCache& c = *caches[i];
+      c.AllocateReserved(l);
       Layer& L = c.layers_[l];
       if (auto cap = GrownCapacities(L.length, L.capacity, 1); !cap.empty()) c.Relayout(l, cap);
       for (int64_t h = 0; h < heads; ++h) {
@@ -277,6 +283,8 @@ at::Tensor HeadwiseCache::AttendSegments(const Layer& L, const at::Tensor& q, in
 void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, int64_t extra_capacity) {
   Layer& L = layers_[layer];
   TORCH_CHECK(static_cast<int64_t>(kept.size()) == num_kv_heads_, "Compact: one index set per kv head");
+  L.reserve = 0;  // the kept entries + extra replace any pending reservation
+  if (!L.k.defined()) Relayout(layer, std::vector<int64_t>(num_kv_heads_, 0));  // never written: empty storage
   std::vector<int64_t> cap(num_kv_heads_), new_len(num_kv_heads_);
   std::vector<at::Tensor> src_rows;
   // Every head's indices come to the host in one transfer (one synchronisation, not one per head).
@@ -320,19 +328,23 @@ void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, 
 at::Tensor HeadwiseCache::keys(int64_t layer) const {
   const Layer& L = layers_[layer];
   TORCH_CHECK(L.uniform, "keys(): layer ", layer, " has per-head lengths");
+  if (!L.k.defined()) return at::empty({num_kv_heads_, 0, head_dim_}, at::TensorOptions().dtype(dtype_).device(device_));
   return L.k.view({num_kv_heads_, L.capacity[0], head_dim_}).narrow(1, 0, L.length[0]);
 }
 at::Tensor HeadwiseCache::values(int64_t layer) const {
   const Layer& L = layers_[layer];
   TORCH_CHECK(L.uniform, "values(): layer ", layer, " has per-head lengths");
+  if (!L.v.defined()) return at::empty({num_kv_heads_, 0, head_dim_}, at::TensorOptions().dtype(dtype_).device(device_));
   return L.v.view({num_kv_heads_, L.capacity[0], head_dim_}).narrow(1, 0, L.length[0]);
 }
 at::Tensor HeadwiseCache::head_keys(int64_t layer, int64_t h) const {
   const Layer& L = layers_[layer];
+  if (!L.k.defined()) return at::empty({0, head_dim_}, at::TensorOptions().dtype(dtype_).device(device_));
   return L.k.narrow(0, L.offset[h], L.length[h]);
 }
 at::Tensor HeadwiseCache::head_values(int64_t layer, int64_t h) const {
   const Layer& L = layers_[layer];
+  if (!L.v.defined()) return at::empty({0, head_dim_}, at::TensorOptions().dtype(dtype_).device(device_));
   return L.v.narrow(0, L.offset[h], L.length[h]);
 }
 

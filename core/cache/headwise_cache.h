@@ -66,7 +66,10 @@ class HeadwiseCache final : public KvCache {
   bool batchable() const;
   KvPool* pool() const { return pool_; }
 
-  // Gives every head of every layer room for `tokens` entries (uniform layout).
+  // Gives every head of every layer room for `tokens` entries (uniform layout), lazily: a
+  // layer's storage is allocated when the layer is first written (Append, AppendAndAttend, a
+  // decode step), so a layer-major prefill holds one full-size layer at a time (the layers
+  // before it compacted, the ones after it not allocated). Compact drops a pending reservation.
   void Reserve(int64_t tokens);
 
   at::Tensor AppendAndAttend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -76,7 +79,8 @@ class HeadwiseCache final : public KvCache {
   void Append(int64_t layer, const at::Tensor& k, const at::Tensor& v);
   int64_t entries(int64_t layer) const override;
   int64_t bytes_used() const override;
-  // Bytes of K and V storage allocated (entries plus room reserved for appends).
+  // Bytes of K and V storage allocated (entries plus room for appends): reserved layers not
+  // written yet count nothing.
   int64_t bytes_reserved() const;
 
   // Keeps in `layer` only the entries kept[h] (int64 positions into head h's segment, any
@@ -85,7 +89,8 @@ class HeadwiseCache final : public KvCache {
 
   bool uniform(int64_t layer) const { return layers_[layer].uniform; }
   const std::vector<int64_t>& head_lengths(int64_t layer) const { return layers_[layer].length; }
-  // [H, length, D] views of a uniform layer (all heads the same length).
+  // [H, length, D] views of a uniform layer (all heads the same length; [H, 0, D] before the
+  // layer is written).
   at::Tensor keys(int64_t layer) const;
   at::Tensor values(int64_t layer) const;
   // One head's entries, [length[h], D].
@@ -104,11 +109,14 @@ class HeadwiseCache final : public KvCache {
     at::Tensor cu_k, used;
     bool meta_stale = true;
     int64_t pool_start = -1;  // first pool row of k/v, when they come from the pool
+    int64_t reserve = 0;      // Reserve()d room per head, allocated at the first write (0: none pending)
   };
   // Storage for `rows` rows of K and V (from the pool when there is one); `start` receives the
   // pool row (-1 otherwise). ReleaseStorage gives a layer's rows back.
   std::pair<at::Tensor, at::Tensor> NewStorage(int64_t rows, int64_t* start);
   void ReleaseStorage(Layer& L);
+  // Allocates `layer`'s pending reservation (a Relayout to max(reserve, length) per head).
+  void AllocateReserved(int64_t layer);
   // Appends k, v to every head of `layer` (growing full segments); lengths on the host only.
   void Write(int64_t layer, const at::Tensor& k, const at::Tensor& v);
   // Re-lays `layer` out with capacities `cap` (each >= its length), copying the entries.

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <random>
@@ -179,12 +180,10 @@ Row RunOne(const defkv::model::Transformer& m, const std::string& shape, int64_t
 
   Sync(dev);
   const auto t0 = Clock::now();
-  at::Tensor logits;
-  for (int64_t b = 0; b < ctx; b += chunk) {
-    const int64_t n = std::min(chunk, ctx - b);
-    if (comp) comp->set_last_chunk(b + n == ctx);
-    logits = m.Forward(ids.narrow(0, b, n), at::arange(b, b + n, lopts), *cache, false, comp.get());
-  }
+  // Layer-major, as the generator prefills: a layer is compacted before the next is written.
+  defkv::model::LayerMajorPrefill prefill(m, ids, 0, chunk, *cache, comp.get());
+  prefill.Step(std::numeric_limits<int64_t>::max());
+  at::Tensor logits = prefill.Logits();
   if (comp) comp->Finish();
   at::Tensor next = logits[0].argmax().view({1});
   Sync(dev);

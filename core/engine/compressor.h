@@ -1,6 +1,8 @@
 // Runs a press during the context prefill: as kvpress's forward hook, after each layer's
 // attention over the last context chunk, the press scores the layer's full context cache and
-// the HeadwiseCache keeps the chosen entries, with room for the question and the answer.
+// the HeadwiseCache keeps the chosen entries, with room for the question and the answer. The
+// generator prefills layer-major (model::LayerMajorPrefill), so a layer is compacted before
+// the next one is written.
 #pragma once
 
 #include <vector>
@@ -19,8 +21,8 @@ class Compressor final : public model::LayerHook {
   Compressor(const model::Transformer& model, cache::HeadwiseCache& cache, press::Press& press, double ratio,
              int64_t context_len, int64_t extra_capacity, bool keep_positions = false);
 
-  // Tells the hook whether the next forward pass carries the last context chunk.
-  void set_last_chunk(bool last) { last_chunk_ = last; }
+  // Whether the next chunk is the last context chunk of its layer: its AfterAttention scores.
+  void BeginChunk(bool last_chunk_of_layer) override { last_chunk_ = last_chunk_of_layer; }
   void AfterAttention(int64_t layer, const at::Tensor& x_norm) override;
   // Applies the selections of presses that decide across layers; call after the context.
   void Finish();

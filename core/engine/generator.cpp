@@ -198,11 +198,13 @@ struct Sequence::State {
   std::unique_ptr<press::Press> press;
   std::unique_ptr<cache::HeadwiseCache> cache;
   std::unique_ptr<Compressor> compressor;
+  // The context's prefill, layer by layer, across PrefillSteps (holds its hidden states).
+  std::unique_ptr<model::LayerMajorPrefill> ctx_prefill;
   std::optional<Sampler> sampler;
   std::optional<tok::IncrementalDecoder> decoder;
   GenerateResult result;
   Clock::time_point t0, t_tok, t_prefill;
-  int64_t ctx_done = 0, q_done = 0;  // prompt tokens prefilled so far
+  int64_t ctx_done = 0, q_done = 0;  // prompt tokens prefilled so far (the context: 0 or all of it)
   int64_t pos = 0;                   // position of the next token fed
   int64_t peak_bytes = 0;
   std::string text;          // everything decoded so far
@@ -215,7 +217,12 @@ Sequence::Sequence(std::unique_ptr<State> state) : s_(std::move(state)) {}
 Sequence::~Sequence() = default;
 bool Sequence::prefilling() const { return !s_->done && !s_->prefilled; }
 bool Sequence::done() const { return s_->done; }
-int64_t Sequence::kv_bytes_reserved() const { return s_->cache ? s_->cache->bytes_reserved() : 0; }
+int64_t Sequence::kv_bytes_reserved() const {
+  const int64_t bytes = s_->cache ? s_->cache->bytes_reserved() : 0;
+  // The cache allocates a layer when it is first written: until the prompt is in, count the
+  // full-size peak promised at Start, so that admission never overcommits.
+  return prefilling() ? std::max(bytes, s_->peak_bytes) : bytes;
+}
 int64_t Sequence::kv_bytes_peak() const { return s_->peak_bytes; }
 int64_t Sequence::prompt_tokens() const { return s_->n_ctx + s_->n_q; }
 int64_t Sequence::tokens_fed() const { return s_->pos; }
@@ -248,6 +255,7 @@ void Finalize(Sequence::State& s, FinishReason reason) {
   const auto t_end = Clock::now();
   if (s.prefilled) r.timings.decode = Seconds(s.t_prefill, t_end);
   r.timings.total = Seconds(s.t0, t_end);
+  s.ctx_prefill.reset();
   s.compressor.reset();
   s.cache.reset();
   s.done = true;
@@ -368,8 +376,9 @@ absl::StatusOr<std::unique_ptr<Sequence>> Generator::Start(const GenerateRequest
       if (id < 0 || id >= cfg.vocab_size) return absl::InternalError("tokenizer produced an id outside the vocabulary");
   if (s.press)
     if (auto st = s.press->CheckContext(s.n_ctx); !st.ok()) return st;
-  // The cache is reserved at full size until the context is compressed: refuse up front what
-  // cannot fit, rather than failing mid-prefill (and possibly starving the process).
+  // Without compression the cache reaches full size (its layers are allocated as the prefill
+  // first writes them): refuse up front what cannot fit, rather than failing mid-prefill (and
+  // possibly starving the process).
   const int64_t tokens = s.n_ctx + s.n_q + request.max_new_tokens;
   s.peak_bytes = tokens * kv_bytes_per_token();
   if (impl_->options.check_free_memory)
@@ -408,20 +417,28 @@ absl::Status Generator::PrefillStep(Sequence& seq) {
   try {
     at::InferenceMode inference;
     auto long_opts = at::TensorOptions().dtype(at::kLong);
-    auto run = [&](const std::vector<int32_t>& ids, int64_t begin, int64_t count, int64_t pos,
-                   model::LayerHook* hook) {
+    auto run = [&](const std::vector<int32_t>& ids, int64_t begin, int64_t count, int64_t pos) {
       auto t = at::empty({count}, long_opts);
       auto* p = t.data_ptr<int64_t>();
       for (int64_t i = 0; i < count; ++i) p[i] = ids[begin + i];
-      return model.Forward(t, at::arange(pos, pos + count, long_opts), *s.cache, /*all_logits=*/false, hook);
+      return model.Forward(t, at::arange(pos, pos + count, long_opts), *s.cache, /*all_logits=*/false);
     };
     at::Tensor logits;
     if (s.ctx_done < s.n_ctx) {
-      // Context, compressed as its last chunk leaves each layer.
-      const int64_t count = std::min(chunk, s.n_ctx - s.ctx_done);
-      if (s.compressor) s.compressor->set_last_chunk(s.ctx_done + count == s.n_ctx);
-      logits = run(s.prompt.context, s.ctx_done, count, s.ctx_done, s.compressor.get());
-      s.ctx_done += count;
+      // Context, layer-major: every chunk through a layer (compressed as its last chunk leaves
+      // it), then the next layer; prefill_chunk x num_layers token-layers per step, the work of
+      // one token-major chunk.
+      if (!s.ctx_prefill) {
+        auto ids = at::empty({s.n_ctx}, long_opts);
+        std::copy(s.prompt.context.begin(), s.prompt.context.end(), ids.data_ptr<int64_t>());
+        s.ctx_prefill = std::make_unique<model::LayerMajorPrefill>(model, ids, /*first_position=*/0, chunk, *s.cache,
+                                                                   s.compressor.get());
+      }
+      if (s.ctx_prefill->Step(chunk * cfg.num_layers)) {
+        s.ctx_done = s.n_ctx;
+        if (s.n_q == 0) logits = s.ctx_prefill->Logits();
+        s.ctx_prefill.reset();
+      }
       if (s.ctx_done == s.n_ctx) {
         if (s.compressor) {
           s.compressor->Finish();
@@ -444,7 +461,7 @@ absl::Status Generator::PrefillStep(Sequence& seq) {
     } else {
       // The question, at positions continuing from the original context length.
       const int64_t count = std::min(chunk, s.n_q - s.q_done);
-      logits = run(s.prompt.question, s.q_done, count, s.n_ctx + s.q_done, nullptr);
+      logits = run(s.prompt.question, s.q_done, count, s.n_ctx + s.q_done);
       s.q_done += count;
     }
     if (s.ctx_done == s.n_ctx && s.q_done == s.n_q) {

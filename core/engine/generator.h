@@ -139,8 +139,11 @@ class Sequence {
 
   bool prefilling() const;  // prompt chunks remain
   bool done() const;        // finished: result() is final and the cache is freed
-  // K/V storage it holds now, and the most it can hold: the full-size reservation, held until
-  // the context has been compressed (then it shrinks to kept + question + max_new_tokens).
+  // K/V storage it holds now, and the most it can hold: the full size of the prompt +
+  // max_new_tokens. The cache allocates each layer when the prefill first writes it, and a
+  // press compacts a layer (to kept + question + max_new_tokens) before the next is written,
+  // but while prefilling kv_bytes_reserved() counts at least the full-size peak (admission
+  // sums it); afterwards it is the storage the cache holds.
   int64_t kv_bytes_reserved() const;
   int64_t kv_bytes_peak() const;
   int64_t prompt_tokens() const;  // context + question
@@ -173,8 +176,10 @@ class Generator {
   // `prompt`, when given, is Tokenize(request) done earlier (the server sizes requests first).
   absl::StatusOr<std::unique_ptr<Sequence>> Start(const GenerateRequest& request, TextCallback on_text = {},
                                                   const PromptTokens* prompt = nullptr);
-  // Runs the next prompt chunk of `seq`: the context in prefill_chunk pieces (compressed after
-  // the last one), then the question; after the last chunk the first token is sampled.
+  // Runs the next prompt step of `seq`: the context layer by layer (model::LayerMajorPrefill,
+  // prefill_chunk x num_layers token-layers per step; each layer compressed once its last
+  // chunk has run), then the question in prefill_chunk pieces; after the last one the first
+  // token is sampled.
   absl::Status PrefillStep(Sequence& seq);
   // Decodes one token for every sequence of `batch` (each done prefilling and not done) in one
   // forward pass. An error fails the step, not a particular sequence: the caller ends them all.

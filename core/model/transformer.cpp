@@ -204,12 +204,14 @@ at::Tensor Transformer::RmsNorm(const at::Tensor& x, const at::Tensor& w) const 
 
 at::Tensor Transformer::Forward(const at::Tensor& ids, const at::Tensor& positions, cache::KvCache& cache,
                                 bool all_logits, LayerHook* hook) const {
+  return Run(ids, positions, all_logits, hook, CacheAttend(cache));
+}
+
+Transformer::Attend Transformer::CacheAttend(cache::KvCache& cache) const {
   const double scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
-  return Run(ids, positions, all_logits, hook,
-             [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-               return cache.AppendAndAttend(l, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale)
-                   .transpose(0, 1);
-             });
+  return [&cache, scale](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    return cache.AppendAndAttend(l, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale).transpose(0, 1);
+  };
 }
 
 at::Tensor Transformer::ForwardBatch(const at::Tensor& ids, const at::Tensor& positions,
@@ -260,45 +262,86 @@ at::Tensor Transformer::DecodePlanned(const at::Tensor& plan, int64_t batch, int
 
 at::Tensor Transformer::Run(const at::Tensor& ids, const at::Tensor& positions, bool all_logits, LayerHook* hook,
                             const Attend& attend) const {
-  const ModelConfig& c = config_;
-  const int64_t t = ids.size(0), d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
-  // Not a structured binding: the RoPE lambda below captures them (clang refuses bindings there).
+  // Not a structured binding: RunLayer's RoPE lambda captures them (clang refuses bindings there).
   const auto tables = rope_.Tables(positions.to(device_), dtype_);
-  const at::Tensor &cos = tables.first, &sin = tables.second;
+  at::Tensor x = Embed(ids);  // [T, hidden]
+  for (int64_t l = 0; l < config_.num_layers; ++l)
+    x = RunLayer(l, std::move(x), tables.first, tables.second, hook, attend);
+  return Head(std::move(x), all_logits);
+}
 
-  at::Tensor x = at::embedding(embed_, ids.to(device_));  // [T, hidden]
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const LayerWeights& L = layers_[l];
-    at::Tensor x_norm = RmsNorm(x, L.input_norm);
-    at::Tensor qkv = at::linear(x_norm, L.w_qkv, L.b_qkv);
-    auto parts = qkv.split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
-    // Token-major views [T, H, D] of the projection, handed to `attend` as they are.
-    at::Tensor q = parts[0].view({t, hq, d});
-    at::Tensor k = parts[1].view({t, hkv, d});
-    at::Tensor v = parts[2].view({t, hkv, d});
-    if (c.qk_norm) {
-      q = RmsNorm(q, L.q_norm);
-      k = RmsNorm(k, L.k_norm);
-    }
-    // The fused kernel may rotate q and k in place: they are columns of the fresh qkv, or fresh
-    // norm outputs, and nothing else reads them. Without q/k norms one launch covers both, as
-    // they sit side by side in qkv. Rope::Apply works on [H, T, D].
-    const auto rope = [&](const at::Tensor& y) {
-      return FusedRopeInPlace(y, cos, sin) ? y : Rope::Apply(y.transpose(0, 1), cos, sin).transpose(0, 1);
-    };
-    if (c.qk_norm || !FusedRopeInPlace(qkv.narrow(-1, 0, (hq + hkv) * d).view({t, hq + hkv, d}), cos, sin)) {
-      q = rope(q);
-      k = rope(k);
-    }
-    at::Tensor attn = attend(l, q, k, v);  // [T, H_q, D]
-    if (hook != nullptr) hook->AfterAttention(l, x_norm);
-    x = x + at::linear(attn.reshape({t, hq * d}), L.w_o, L.b_o);
+at::Tensor Transformer::Embed(const at::Tensor& ids) const { return at::embedding(embed_, ids.to(device_)); }
 
-    auto gu = at::linear(RmsNorm(x, L.post_norm), L.w_gate_up, L.b_gate_up).chunk(2, -1);
-    x = x + at::linear(at::silu(gu[0]) * gu[1], L.w_down, L.b_down);
+at::Tensor Transformer::RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
+                                 LayerHook* hook, const Attend& attend) const {
+  const ModelConfig& c = config_;
+  const int64_t t = x.size(0), d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
+  const LayerWeights& L = layers_[l];
+  at::Tensor x_norm = RmsNorm(x, L.input_norm);
+  at::Tensor qkv = at::linear(x_norm, L.w_qkv, L.b_qkv);
+  auto parts = qkv.split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
+  // Token-major views [T, H, D] of the projection, handed to `attend` as they are.
+  at::Tensor q = parts[0].view({t, hq, d});
+  at::Tensor k = parts[1].view({t, hkv, d});
+  at::Tensor v = parts[2].view({t, hkv, d});
+  if (c.qk_norm) {
+    q = RmsNorm(q, L.q_norm);
+    k = RmsNorm(k, L.k_norm);
   }
+  // The fused kernel may rotate q and k in place: they are columns of the fresh qkv, or fresh
+  // norm outputs, and nothing else reads them. Without q/k norms one launch covers both, as
+  // they sit side by side in qkv. Rope::Apply works on [H, T, D].
+  const auto rope = [&](const at::Tensor& y) {
+    return FusedRopeInPlace(y, cos, sin) ? y : Rope::Apply(y.transpose(0, 1), cos, sin).transpose(0, 1);
+  };
+  if (c.qk_norm || !FusedRopeInPlace(qkv.narrow(-1, 0, (hq + hkv) * d).view({t, hq + hkv, d}), cos, sin)) {
+    q = rope(q);
+    k = rope(k);
+  }
+  at::Tensor attn = attend(l, q, k, v);  // [T, H_q, D]
+  if (hook != nullptr) hook->AfterAttention(l, x_norm);
+  x = x + at::linear(attn.reshape({t, hq * d}), L.w_o, L.b_o);
+
+  auto gu = at::linear(RmsNorm(x, L.post_norm), L.w_gate_up, L.b_gate_up).chunk(2, -1);
+  x = x + at::linear(at::silu(gu[0]) * gu[1], L.w_down, L.b_down);
+  return x;
+}
+
+at::Tensor Transformer::Head(at::Tensor x, bool all_logits) const {
+  const int64_t t = x.size(0);
   if (!all_logits) x = x.narrow(0, t - 1, 1);
   return at::linear(RmsNorm(x, final_norm_), lm_head_).to(at::kFloat);
+}
+
+LayerMajorPrefill::LayerMajorPrefill(const Transformer& model, at::Tensor ids, int64_t first_position, int64_t chunk,
+                                     cache::KvCache& cache, LayerHook* hook)
+    : model_(model), ids_(std::move(ids)), first_(first_position), chunk_(chunk), n_(ids_.size(0)), cache_(cache),
+      hook_(hook), attend_(model.CacheAttend(cache)), x_((n_ + chunk - 1) / chunk) {
+  TORCH_CHECK(chunk > 0, "LayerMajorPrefill: chunk must be positive");
+}
+
+bool LayerMajorPrefill::Step(int64_t budget) {
+  const int64_t chunks = static_cast<int64_t>(x_.size());
+  for (int64_t spent = 0; !done() && (spent == 0 || spent < budget);) {
+    const int64_t begin = next_chunk_ * chunk_, count = std::min(chunk_, n_ - begin);
+    at::Tensor& x = x_[next_chunk_];
+    if (layer_ == 0) x = model_.Embed(ids_.narrow(0, begin, count));
+    auto positions = at::arange(first_ + begin, first_ + begin + count, at::TensorOptions().dtype(at::kLong));
+    const auto tables = model_.rope_.Tables(positions.to(model_.device_), model_.dtype_);
+    if (hook_ != nullptr) hook_->BeginChunk(next_chunk_ == chunks - 1);
+    x = model_.RunLayer(layer_, std::move(x), tables.first, tables.second, hook_, attend_);
+    spent += count;
+    if (++next_chunk_ == chunks) {
+      next_chunk_ = 0;
+      ++layer_;
+    }
+  }
+  return done();
+}
+
+at::Tensor LayerMajorPrefill::Logits() const {
+  TORCH_CHECK(done() && n_ > 0, "LayerMajorPrefill::Logits: the context has not been through every layer");
+  return model_.Head(x_.back(), /*all_logits=*/false);
 }
 
 }  // namespace defkv::model

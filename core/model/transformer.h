@@ -45,10 +45,16 @@ struct LayerWeights {
 class LayerHook {
  public:
   virtual ~LayerHook() = default;
+  // Called before a chunk runs: whether it is the last context chunk the following
+  // AfterAttention calls will see for their layer (LayerMajorPrefill calls it before each
+  // (layer, chunk) piece; callers of Forward call it before each chunk).
+  virtual void BeginChunk(bool last_chunk_of_layer) {}
   // x_norm: [T, hidden], the attention input (after input_layernorm) of this chunk; called
   // after the layer's attention has written the chunk's K/V into the cache.
   virtual void AfterAttention(int64_t layer, const at::Tensor& x_norm) = 0;
 };
+
+class LayerMajorPrefill;
 
 class Transformer {
  public:
@@ -95,6 +101,7 @@ class Transformer {
   std::unique_ptr<cache::HeadwiseCache> NewCache(cache::KvPool* pool = nullptr) const;
 
  private:
+  friend class LayerMajorPrefill;
   Transformer(ModelConfig cfg, at::Device device, at::ScalarType dtype);
   // Fills the weights from `get(name, shape)` (an undefined tensor for absent optional ones).
   using WeightSource = std::function<absl::StatusOr<at::Tensor>(const std::string&, std::vector<int64_t>, bool)>;
@@ -107,6 +114,15 @@ class Transformer {
   using Attend = std::function<at::Tensor(int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
   at::Tensor Run(const at::Tensor& ids, const at::Tensor& positions, bool all_logits, LayerHook* hook,
                  const Attend& attend) const;
+  // The pieces of Run. Embed: ids [T] -> x [T, hidden]. RunLayer: layer l over x [T, hidden]
+  // with the RoPE tables (cos, sin) of its T positions; returns the layer's output [T, hidden].
+  // Head: fp32 logits of x's rows ([T, vocab]), or of its last row ([1, vocab]).
+  at::Tensor Embed(const at::Tensor& ids) const;
+  at::Tensor RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, LayerHook* hook,
+                      const Attend& attend) const;
+  at::Tensor Head(at::Tensor x, bool all_logits) const;
+  // `attend` for prefill into `cache`: AppendAndAttend with the [H, T, D] layout it takes.
+  Attend CacheAttend(cache::KvCache& cache) const;
 
   ModelConfig config_;
   at::Device device_;
@@ -116,6 +132,43 @@ class Transformer {
   std::vector<LayerWeights> layers_;
   size_t weight_bytes_ = 0;
   std::unique_ptr<DecodeGraphs> graphs_;  // set by EnableDecodeGraphs
+};
+
+// Prefills a context layer by layer: every chunk of the context through layer 0, then every
+// chunk through layer 1, and so on, keeping the hidden states of the whole context
+// ([n, hidden], one tensor per chunk) between layers. Each layer sees the inputs, chunk
+// boundaries and kernels it sees in Forward chunk by chunk, so the cache, the hook's calls per
+// layer and the logits are the same; the difference is that a layer's K/V are complete (and a
+// press can compact them) before the next layer starts, so a lazily reserved HeadwiseCache
+// holds one full-size layer at a time instead of all of them.
+class LayerMajorPrefill {
+ public:
+  // ids: [n] int64 (any device), at positions first_position .. first_position + n - 1, in
+  // chunks of `chunk` tokens. `model`, `cache` and `hook` (may be null) must outlive it.
+  LayerMajorPrefill(const Transformer& model, at::Tensor ids, int64_t first_position, int64_t chunk,
+                    cache::KvCache& cache, LayerHook* hook = nullptr);
+
+  // Runs (layer, chunk) pieces (one chunk through one layer, counting its tokens against
+  // `budget`) until at least `budget` token-layers ran or the context has been through every
+  // layer; at least one piece when any remain. Returns done().
+  bool Step(int64_t budget);
+  bool done() const { return layer_ == model_.config().num_layers || n_ == 0; }
+  // Once done: fp32 logits [1, vocab] of the last context token, as Forward(all_logits=false)
+  // returns for the last chunk.
+  at::Tensor Logits() const;
+  int64_t layer() const { return layer_; }  // the layer the next piece runs
+
+ private:
+  const Transformer& model_;
+  at::Tensor ids_;
+  int64_t first_, chunk_, n_;
+  cache::KvCache& cache_;
+  LayerHook* hook_;
+  Transformer::Attend attend_;
+  // Per chunk: its hidden states, the output of the layers it has been through (undefined
+  // before layer 0 embeds it).
+  std::vector<at::Tensor> x_;
+  int64_t layer_ = 0, next_chunk_ = 0;
 };
 
 }  // namespace defkv::model

@@ -87,5 +87,23 @@ TEST(HeadwiseCache, CompactRejectsIndicesOutsideTheSegment) {
   EXPECT_THROW(c.Compact(0, {at::tensor({4}, at::kLong), at::tensor({0}, at::kLong)}, 0), c10::Error);
 }
 
+TEST(HeadwiseCache, ReserveAllocatesEachLayerAtItsFirstWrite) {
+  HeadwiseCache c(3, kHeads, kDim, at::kFloat, at::kCPU);
+  c.Reserve(10);
+  EXPECT_EQ(c.bytes_reserved(), 0);
+  EXPECT_EQ(c.keys(1).sizes(), (at::IntArrayRef{kHeads, 0, kDim}));  // never written: empty
+  EXPECT_EQ(c.head_values(2, 1).size(0), 0);
+  auto k = at::randn({kHeads, 4, kDim});
+  c.AppendAndAttend(0, at::randn({kQHeads, 4, kDim}), k, k, 0.5);
+  EXPECT_EQ(c.bytes_reserved(), kHeads * 10 * c.entry_bytes());
+  c.Compact(0, {at::tensor({1}, at::kLong), at::tensor({0, 3}, at::kLong)}, 2);
+  EXPECT_EQ(c.bytes_reserved(), (3 + 4) * c.entry_bytes());  // the reservation is gone
+  c.Compact(2, {at::empty({0}, at::kLong), at::empty({0}, at::kLong)}, 1);  // never written
+  EXPECT_EQ(c.bytes_reserved(), (3 + 4 + 2) * c.entry_bytes());
+  c.Append(1, k, k);
+  EXPECT_EQ(c.bytes_reserved(), (3 + 4 + 2 + kHeads * 10) * c.entry_bytes());
+  EXPECT_TRUE(c.keys(1).equal(k));
+}
+
 }  // namespace
 }  // namespace defkv::cache

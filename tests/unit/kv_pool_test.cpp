@@ -45,11 +45,16 @@ TEST(KvPool, PooledCacheEqualsOwnTensorsAndGivesRowsBack) {
     HeadwiseCache own(2, heads, dim, at::kFloat, at::kCPU), pooled(2, heads, dim, at::kFloat, at::kCPU, &pool);
     HeadwiseCache other(1, heads, dim, at::kFloat, at::kCPU, &pool);  // interleaves its ranges
     other.Reserve(50);
+    other.Append(0, at::randn({heads, 1, dim}), at::randn({heads, 1, dim}));
     for (auto* c : {&own, &pooled}) c->Reserve(40 + 6);
-    EXPECT_EQ(pool.free_rows(), 1000 - 2 * 50 - 2 * 2 * 46);
+    // Reserve is lazy: a layer takes its rows when it is first written.
+    EXPECT_EQ(pool.free_rows(), 1000 - 2 * 50);
+    EXPECT_EQ(pooled.bytes_reserved(), 0);
     for (int64_t l = 0; l < 2; ++l) {
       auto a = own.AppendAndAttend(l, q, k, v, 0.3), b = pooled.AppendAndAttend(l, q, k, v, 0.3);
       EXPECT_TRUE(a.equal(b));
+      EXPECT_EQ(pool.free_rows(), 1000 - 2 * 50 - (l + 1) * 2 * 46);
+      EXPECT_EQ(pooled.bytes_reserved(), (l + 1) * 2 * 46 * pooled.entry_bytes());
     }
     std::vector<at::Tensor> kept = {at::tensor({0, 3, 39}, at::kLong), at::tensor({5, 6, 7, 8, 20}, at::kLong)};
     for (auto* c : {&own, &pooled}) c->Compact(1, kept, 6);
@@ -70,7 +75,10 @@ TEST(KvPool, PooledCacheEqualsOwnTensorsAndGivesRowsBack) {
 TEST(KvPool, ExhaustedPoolIsAnOutOfMemoryError) {
   KvPool pool(50, 8, at::kFloat, at::kCPU);
   HeadwiseCache c(2, 2, 8, at::kFloat, at::kCPU, &pool);
-  EXPECT_THROW(c.Reserve(20), c10::OutOfMemoryError);  // 2 layers x 2 heads x 20 rows > 50
+  c.Reserve(20);  // lazy: layer 0 takes 2 heads x 20 rows at its first write, layer 1 does not fit
+  auto kv = at::randn({2, 1, 8});
+  c.Append(0, kv, kv);
+  EXPECT_THROW(c.Append(1, kv, kv), c10::OutOfMemoryError);
 }
 
 }  // namespace
