@@ -265,19 +265,27 @@ at::Tensor Transformer::Run(const at::Tensor& ids, const at::Tensor& positions, 
   // Not a structured binding: RunLayer's RoPE lambda captures them (clang refuses bindings there).
   const auto tables = rope_.Tables(positions.to(device_), dtype_);
   at::Tensor x = Embed(ids);  // [T, hidden]
+  at::Tensor pending;         // each layer's MLP output, added by the next piece with its norm
   for (int64_t l = 0; l < config_.num_layers; ++l)
-    x = RunLayer(l, std::move(x), tables.first, tables.second, hook, attend);
-  return Head(std::move(x), all_logits);
+    x = RunLayer(l, std::move(x), tables.first, tables.second, hook, attend, &pending);
+  return Head(std::move(x), all_logits, pending);
+}
+
+at::Tensor Transformer::AddRmsNorm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& w) const {
+  if (at::Tensor y; FusedAddRmsNormInPlace(x, delta, w, config_.rms_norm_eps, y)) return y;
+  x = x + delta;
+  return RmsNorm(x, w);
 }
 
 at::Tensor Transformer::Embed(const at::Tensor& ids) const { return at::embedding(embed_, ids.to(device_)); }
 
 at::Tensor Transformer::RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
-                                 LayerHook* hook, const Attend& attend) const {
+                                 LayerHook* hook, const Attend& attend, at::Tensor* pending) const {
   const ModelConfig& c = config_;
   const int64_t t = x.size(0), d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
   const LayerWeights& L = layers_[l];
-  at::Tensor x_norm = RmsNorm(x, L.input_norm);
+  at::Tensor x_norm = pending != nullptr && pending->defined() ? AddRmsNorm(x, *pending, L.input_norm)
+                                                                : RmsNorm(x, L.input_norm);
   at::Tensor qkv = at::linear(x_norm, L.w_qkv, L.b_qkv);
   auto parts = qkv.split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
   // Token-major views [T, H, D] of the projection, handed to `attend` as they are.
@@ -300,17 +308,30 @@ at::Tensor Transformer::RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos,
   }
   at::Tensor attn = attend(l, q, k, v);  // [T, H_q, D]
   if (hook != nullptr) hook->AfterAttention(l, x_norm);
-  x = x + at::linear(attn.reshape({t, hq * d}), L.w_o, L.b_o);
+  const at::Tensor h = AddRmsNorm(x, at::linear(attn.reshape({t, hq * d}), L.w_o, L.b_o), L.post_norm);
 
-  auto gu = at::linear(RmsNorm(x, L.post_norm), L.w_gate_up, L.b_gate_up).chunk(2, -1);
-  x = x + at::linear(at::silu(gu[0]) * gu[1], L.w_down, L.b_down);
+  const at::Tensor gu = at::linear(h, L.w_gate_up, L.b_gate_up);  // [T, 2 * inter]: gate | up
+  at::Tensor act = FusedSiluMul(gu);
+  if (!act.defined()) {
+    auto g = gu.chunk(2, -1);
+    act = at::silu(g[0]) * g[1];
+  }
+  at::Tensor down = at::linear(act, L.w_down, L.b_down);
+  if (pending == nullptr) return x + down;
+  *pending = std::move(down);
   return x;
 }
 
-at::Tensor Transformer::Head(at::Tensor x, bool all_logits) const {
+at::Tensor Transformer::Head(at::Tensor x, bool all_logits, const at::Tensor& pending) const {
   const int64_t t = x.size(0);
-  if (!all_logits) x = x.narrow(0, t - 1, 1);
-  return at::linear(RmsNorm(x, final_norm_), lm_head_).to(at::kFloat);
+  if (!all_logits) {
+    // Only the last row goes on: its residual add and norm alone.
+    x = x.narrow(0, t - 1, 1);
+    if (pending.defined()) x = x + pending.narrow(0, t - 1, 1);
+    return at::linear(RmsNorm(x, final_norm_), lm_head_).to(at::kFloat);
+  }
+  const at::Tensor y = pending.defined() ? AddRmsNorm(x, pending, final_norm_) : RmsNorm(x, final_norm_);
+  return at::linear(y, lm_head_).to(at::kFloat);
 }
 
 LayerMajorPrefill::LayerMajorPrefill(const Transformer& model, at::Tensor ids, int64_t first_position, int64_t chunk,

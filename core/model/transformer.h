@@ -116,11 +116,17 @@ class Transformer {
                  const Attend& attend) const;
   // The pieces of Run. Embed: ids [T] -> x [T, hidden]. RunLayer: layer l over x [T, hidden]
   // with the RoPE tables (cos, sin) of its T positions; returns the layer's output [T, hidden].
-  // Head: fp32 logits of x's rows ([T, vocab]), or of its last row ([1, vocab]).
+  // With `pending`, the residual adds that straddle layers are left to the next piece, which
+  // fuses each with the RMSNorm that follows it: on entry x + *pending (when defined) is the
+  // layer's input, and on return x + *pending is its output. Head: fp32 logits of the rows of
+  // x (+ pending) ([T, vocab]), or of its last row ([1, vocab]). x is updated in place: callers
+  // pass tensors nothing else reads.
   at::Tensor Embed(const at::Tensor& ids) const;
   at::Tensor RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, LayerHook* hook,
-                      const Attend& attend) const;
-  at::Tensor Head(at::Tensor x, bool all_logits) const;
+                      const Attend& attend, at::Tensor* pending = nullptr) const;
+  at::Tensor Head(at::Tensor x, bool all_logits, const at::Tensor& pending = {}) const;
+  // x += delta (in place when fused; x rebinds otherwise) and RMSNorm(x, w): one launch on CUDA.
+  at::Tensor AddRmsNorm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& w) const;
   // `attend` for prefill into `cache`: AppendAndAttend with the [H, T, D] layout it takes.
   Attend CacheAttend(cache::KvCache& cache) const;
 
