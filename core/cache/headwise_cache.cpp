@@ -285,39 +285,45 @@ void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, 
   TORCH_CHECK(static_cast<int64_t>(kept.size()) == num_kv_heads_, "Compact: one index set per kv head");
   L.reserve = 0;  // the kept entries + extra replace any pending reservation
   if (!L.k.defined()) Relayout(layer, std::vector<int64_t>(num_kv_heads_, 0));  // never written: empty storage
-  std::vector<int64_t> cap(num_kv_heads_), new_len(num_kv_heads_);
-  std::vector<at::Tensor> src_rows;
-  // Every head's indices come to the host in one transfer (one synchronisation, not one per head).
+  std::vector<int64_t> cap(num_kv_heads_), new_len(num_kv_heads_), offset(num_kv_heads_);
+  // Every head's indices come to the host in one transfer (one synchronisation, not one per
+  // head), are sorted and checked there, and go back as one buffer: the source rows of the kept
+  // entries in the old storage, then their destination rows in the new one.
   std::vector<at::Tensor> flat;
   for (const auto& k : kept) flat.push_back(k.to(kept[0].device(), at::kLong).reshape({-1}));
-  const at::Tensor all = at::cat(flat).to(at::kCPU);
-  int64_t from = 0;
+  const at::Tensor all = at::cat(flat).to(at::kCPU).contiguous();
+  const int64_t n_kept = all.numel();
+  std::vector<int64_t> rows(2 * n_kept);
+  int64_t from = 0, dst = 0;
   for (int64_t h = 0; h < num_kv_heads_; ++h) {
-    at::Tensor idx = std::get<0>(all.narrow(0, from, flat[h].numel()).sort());
-    from += flat[h].numel();
-    TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < L.length[h]),
-                "Compact: kept index outside head ", h, "'s ", L.length[h], " entries");
-    new_len[h] = idx.numel();
-    cap[h] = new_len[h] + extra_capacity;
-    src_rows.push_back(idx + L.offset[h]);
+    const int64_t n = flat[h].numel();
+    int64_t* src = rows.data() + from;
+    std::copy_n(all.data_ptr<int64_t>() + from, n, src);
+    std::sort(src, src + n);
+    TORCH_CHECK(n == 0 || (src[0] >= 0 && src[n - 1] < L.length[h]), "Compact: kept index outside head ", h, "'s ",
+                L.length[h], " entries");
+    for (int64_t i = 0; i < n; ++i) {
+      src[i] += L.offset[h];
+      rows[n_kept + from + i] = dst + i;
+    }
+    new_len[h] = n;
+    cap[h] = n + extra_capacity;
+    offset[h] = dst;
+    from += n;
+    dst += cap[h];
   }
-  at::Tensor rows = at::cat(src_rows).to(device_);
-  at::Tensor k_kept = L.k.index_select(0, rows), v_kept = L.v.index_select(0, rows);
-  const int64_t total = std::accumulate(cap.begin(), cap.end(), int64_t{0});
+  const at::Tensor both = at::from_blob(rows.data(), {2 * n_kept}, at::TensorOptions().dtype(at::kLong)).to(device_);
+  const at::Tensor src_rows = both.narrow(0, 0, n_kept), dst_rows = both.narrow(0, n_kept, n_kept);
+  at::Tensor k_kept = L.k.index_select(0, src_rows), v_kept = L.v.index_select(0, src_rows);
   // The kept rows are gathered out first (k_kept/v_kept), so the old range can go back to the
   // pool before the new one is taken: the pool never holds both.
   ReleaseStorage(L);
-  std::tie(L.k, L.v) = NewStorage(total, &L.pool_start);
-  int64_t dst = 0, src = 0;
-  for (int64_t h = 0; h < num_kv_heads_; ++h) {
-    L.offset[h] = dst;
-    if (new_len[h] > 0) {
-      L.k.narrow(0, dst, new_len[h]).copy_(k_kept.narrow(0, src, new_len[h]));
-      L.v.narrow(0, dst, new_len[h]).copy_(v_kept.narrow(0, src, new_len[h]));
-    }
-    src += new_len[h];
-    dst += cap[h];
+  std::tie(L.k, L.v) = NewStorage(dst, &L.pool_start);
+  if (n_kept > 0) {
+    L.k.index_copy_(0, dst_rows, k_kept);
+    L.v.index_copy_(0, dst_rows, v_kept);
   }
+  L.offset = offset;
   L.length = new_len;
   L.capacity = cap;
   L.meta_stale = true;

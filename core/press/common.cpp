@@ -14,8 +14,11 @@ int64_t NKept(int64_t context_len, double ratio) {
 }
 
 HeadSelection TopKPerHead(const at::Tensor& scores, int64_t n) {
-  std::vector<int64_t> counts(scores.size(0), n);
-  return TopKPerHead(scores, counts);
+  // One top-k over every head's row.
+  at::Tensor idx = std::get<1>(scores.topk(std::min<int64_t>(n, scores.size(1)), -1));
+  HeadSelection out;
+  for (int64_t h = 0; h < scores.size(0); ++h) out.push_back(idx[h]);
+  return out;
 }
 
 HeadSelection TopKPerHead(const at::Tensor& scores, const std::vector<int64_t>& counts) {
