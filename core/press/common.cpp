@@ -63,7 +63,7 @@ std::optional<HeadSelection> ScorerPress::CompressLayer(const LayerInputs& in) {
   return TopKPerHead(Score(in), NKept(in.context_len(), in.compression_ratio));
 }
 
-at::Tensor WindowAttention(const LayerInputs& in, int64_t w) {
+at::Tensor WindowAttention(const LayerInputs& in, int64_t w, int64_t kv_head) {
   const model::Transformer& m = *in.model;
   const int64_t len = in.context_len(), hq = m.config().num_heads, d = m.config().head_dim;
   at::Tensor x = in.hidden.narrow(0, in.hidden.size(0) - w, w);
@@ -73,8 +73,14 @@ at::Tensor WindowAttention(const LayerInputs& in, int64_t w) {
   q = model::Rope::Apply(q, cos, sin);
   // The G query heads of a kv head as one [G * w, D] block against its keys: no copy of K per
   // query head ([H_q, L, D] would be 4x the layer's keys at GQA 4).
-  const int64_t heads = in.num_kv_heads(), group = hq / heads;
-  at::Tensor logits = at::matmul(q.reshape({heads, group * w, d}), in.keys.transpose(1, 2)).view({hq, w, len}) /
+  const int64_t group = hq / in.num_kv_heads();
+  at::Tensor keys = in.keys;
+  if (kv_head >= 0) {
+    q = q.narrow(0, kv_head * group, group);
+    keys = keys.narrow(0, kv_head, 1);
+  }
+  const int64_t heads = keys.size(0), rows = heads * group;
+  at::Tensor logits = at::matmul(q.reshape({heads, group * w, d}), keys.transpose(1, 2)).view({rows, w, len}) /
                       std::sqrt(static_cast<double>(d));
   // Window query j sits at position L - w + j and sees keys 0 .. L - w + j.
   auto opts = at::TensorOptions().dtype(at::kLong).device(q.device());

@@ -45,14 +45,23 @@ HeadSelection StageOneProtected(const at::Tensor& abar, double tau, double beta,
 
 at::Tensor LayerScores(const LayerInputs& in, int64_t window, int64_t kernel_size, double tau) {
   const int64_t len = in.context_len(), n = len - window, heads = in.num_kv_heads();
-  at::Tensor a = WindowAttention(in, window);  // [H_q, w, n]
-  // (a) beta: mass on the last w non-window tokens (the reference's choice, kept for parity).
   const int64_t tail = std::min(window, n);
-  const double beta = a.narrow(2, n - tail, tail).sum(-1).mean().item<double>();
-  // (b) raw attention for stage 1.
-  at::Tensor abar = GroupMean(a.mean(1), heads);
-  // (c)-(d) defensive aggregation, (e) value-norm share across kv heads.
-  at::Tensor s = DefensiveAggregate(a, heads, kernel_size);
+  // Kv head by kv head, on the window attention of its G query heads ([G, w, n]; the fp32
+  // temporaries of all heads at once are 1.3 GB at 128K): (a) the tail mass of each window row,
+  // for beta, (b) the raw attention for stage 1, (c)-(d) the defensive aggregation.
+  std::vector<at::Tensor> tails, abars, aggregates;
+  for (int64_t h = 0; h < heads; ++h) {
+    at::Tensor a = WindowAttention(in, window, h);
+    tails.push_back(a.narrow(2, n - tail, tail).sum(-1));  // [G, w]
+    abars.push_back(a.mean(1).mean(0));
+    aggregates.push_back(DefensiveAggregate(a, 1, kernel_size)[0]);
+  }
+  // beta: mass on the last w non-window tokens (the reference's choice, kept for parity), the
+  // mean over every query head's window rows.
+  const double beta = at::cat(tails).mean().item<double>();
+  at::Tensor abar = at::stack(abars);
+  at::Tensor s = at::stack(aggregates);
+  // (e) value-norm share across kv heads.
   at::Tensor vnorm = GroupMean(ProjectedValueNorm(in, n), heads);
   s = s * (vnorm / vnorm.sum(0, true));
   // (f) stage-1 tokens and (g) the window get the layer's maximum.

@@ -82,8 +82,10 @@ HeadSelection SplitByRow(const at::Tensor& sorted_flat, int64_t rows, int64_t le
 std::vector<int64_t> CountPerHead(const at::Tensor& flat_indices, int64_t num_heads, int64_t len);
 
 // Window attention (spec §1.4): the last w context queries against all L keys, causal inside
-// the window, fp32 softmax over keys, window columns dropped. [H_q, w, L - w].
-at::Tensor WindowAttention(const LayerInputs& in, int64_t w);
+// the window, fp32 softmax over keys, window columns dropped. [H_q, w, L - w]; with kv_head >= 0
+// only the G query heads reading that kv head, [G, w, L - w] (scorers loop over kv heads so that
+// the fp32 [H_q, w, L] temporaries never exist at once: 1.3 GB at 128K for Llama-3.1-8B).
+at::Tensor WindowAttention(const LayerInputs& in, int64_t w, int64_t kv_head = -1);
 // F.avg_pool1d(x, k, stride 1, padding k/2, count_include_pad) along the last axis.
 at::Tensor AvgPool(const at::Tensor& x, int64_t k);
 // ||V[g(h), t] . W_o^(h)||_1 for every query head h and token t < n: [H_q, n] (spec §3.12).

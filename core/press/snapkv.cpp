@@ -14,8 +14,11 @@ absl::Status SnapKVPress::CheckContext(int64_t context_len) const {
 }
 
 at::Tensor SnapKVPress::Score(const LayerInputs& in) {
-  at::Tensor a = WindowAttention(in, window_);             // [H_q, w, n]
-  at::Tensor s = GroupMean(AvgPool(a.mean(1), kernel_), in.num_kv_heads());  // [H, n]
+  // Kv head by kv head (the window attention of one head group at a time): [H, n].
+  std::vector<at::Tensor> rows;
+  for (int64_t h = 0; h < in.num_kv_heads(); ++h)
+    rows.push_back(AvgPool(WindowAttention(in, window_, h).mean(1), kernel_).mean(0));  // [G, w, n] -> [n]
+  at::Tensor s = at::stack(rows);
   return PadScores(s, window_, s.max().item<double>() + 1);
 }
 
