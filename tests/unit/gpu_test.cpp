@@ -26,15 +26,14 @@
 #include "core/model/transformer.h"
 #include "core/press/registry.h"
 #include "kernels/decode_attention.h"
+#include "tests/unit/gpu_util.h"
 #include "tests/unit/testdata.h"
 
 namespace defkv {
 namespace {
 
-double RelErr(const at::Tensor& out, const at::Tensor& ref) {
-  auto o = out.to(at::kCPU, at::kDouble), r = ref.to(at::kCPU, at::kDouble);
-  return (o - r).norm().item<double>() / r.norm().item<double>();
-}
+using testing::FreshSeed;
+using testing::RelErr;
 
 // Starts and prefills every request, then decodes them together (one DecodeStep over all that
 // have not ended) until all are done. The token ids of each; empty after a failure (reported).
@@ -278,13 +277,6 @@ TEST_F(Gpu, DecodeGraphsEqualEagerSteps) {
                 replayed[i] == eager[i] ? "same as" : "DIFFERENT from");
     EXPECT_EQ(replayed[i], eager[i]) << reqs[i].press;
   }
-}
-
-// A fresh seed per run (printed with the result, to replay a failure): inputs differ each run.
-uint64_t FreshSeed() {
-  const uint64_t seed = std::random_device{}();
-  at::manual_seed(seed);
-  return seed;
 }
 
 // The fused RMSNorm against Transformer::RmsNorm's expression on the CPU in fp32, over

@@ -20,9 +20,13 @@
 #include "core/model/transformer.h"
 #include "core/press/press.h"
 #include "kernels/value_norm.h"
+#include "tests/unit/gpu_util.h"
 
 namespace defkv {
 namespace {
+
+using testing::FreshSeed;
+using testing::RelErr;
 
 class GpuValueNorm : public ::testing::Test {
  protected:
@@ -30,18 +34,6 @@ class GpuValueNorm : public ::testing::Test {
     if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device: this suite runs on the GPU machine only";
   }
 };
-
-// A fresh seed per run (printed with the result, to replay a failure): inputs differ each run.
-uint64_t FreshSeed() {
-  const uint64_t seed = std::random_device{}();
-  at::manual_seed(seed);
-  return seed;
-}
-
-double RelErr(const at::Tensor& out, const at::Tensor& ref) {
-  auto o = out.to(at::kCPU, at::kDouble), r = ref.to(at::kCPU, at::kDouble);
-  return (o - r).norm().item<double>() / r.norm().item<double>();
-}
 
 kernels::DType KernelDType(at::ScalarType t) {
   return t == at::kHalf ? kernels::DType::kFloat16 : kernels::DType::kBFloat16;
