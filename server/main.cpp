@@ -36,7 +36,9 @@ ABSL_FLAG(int, metrics_port, 9464, "Prometheus /metrics port (0: any free port; 
 ABSL_FLAG(std::string, device, "cpu", "device: cpu, cuda or cuda:N");
 ABSL_FLAG(std::string, dtype, "auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16, float16");
 ABSL_FLAG(int, threads, 0, "CPU intra-op threads (0: all cores)");
-ABSL_FLAG(int, prefill_chunk, 512, "context tokens per prefill step");
+ABSL_FLAG(int, prefill_chunk, 512,
+          "context tokens per prefill chunk (the context goes through the model layer by layer, a "
+          "chunk at a time; one engine step does the work of one chunk through every layer)");
 ABSL_FLAG(int, max_queue, 64, "requests allowed to wait for admission; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(bool, random_weights, false,
           "benchmarking: random weights of --model's config.json shape (no safetensors needed; tokenizer still read)");

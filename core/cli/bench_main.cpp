@@ -47,7 +47,7 @@ usage: defkv-bench [options]
   --ratios LIST        compression ratios (default 0,0.5,0.8); ratio 0 runs press none only
   --presses LIST       presses for ratios > 0 (default snapkv,adakv,defensivekv,layer_defensivekv)
   --decode-steps N     timed decode steps at batch 1 (default 32)
-  --prefill-chunk N    context tokens per prefill step (default 8192)
+  --prefill-chunk N    context tokens per prefill chunk, run layer by layer (default 8192)
   --device D           cuda (default) or cpu
   --dtype T            bfloat16 (default), float16, float32
   --batch-decode LIST  after the batch-1 table, batched decode steps over synthetic caches (random

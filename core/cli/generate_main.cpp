@@ -51,7 +51,7 @@ engine:
   --device D               cpu, cuda or cuda:N (default cpu)
   --dtype T                auto, float32, bfloat16, float16 (default auto: float32 on CPU)
   --threads N              CPU threads (default: all cores)
-  --prefill-chunk N        context tokens per prefill step (default 512)
+  --prefill-chunk N        context tokens per prefill chunk, run layer by layer (default 512)
 
 output:
   --quiet                  print only the answer (no load and timing lines on stderr)
