@@ -39,6 +39,10 @@ ABSL_FLAG(int, threads, 0, "CPU intra-op threads (0: all cores)");
 ABSL_FLAG(int, prefill_chunk, 512,
           "context tokens per prefill chunk (the context goes through the model layer by layer, a "
           "chunk at a time; one engine step does the work of one chunk through every layer)");
+ABSL_FLAG(int, prefill_step_tokens, 0,
+          "prefill work per engine step, in context tokens through every layer (at least one chunk through one "
+          "layer); between two steps every running request decodes a token. Smaller: lower inter-token latency "
+          "while contexts prefill, slower prefill. 0: --prefill_chunk");
 ABSL_FLAG(int, max_queue, 64, "requests allowed to wait for admission; more get RESOURCE_EXHAUSTED");
 ABSL_FLAG(bool, random_weights, false,
           "benchmarking: random weights of --model's config.json shape (no safetensors needed; tokenizer still read)");
@@ -133,6 +137,7 @@ int Run() {
   engine_options.dtype = absl::GetFlag(FLAGS_dtype);
   engine_options.threads = absl::GetFlag(FLAGS_threads);
   engine_options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  engine_options.prefill_step_tokens = absl::GetFlag(FLAGS_prefill_step_tokens);
   engine_options.random_weights = absl::GetFlag(FLAGS_random_weights);
   engine_options.cuda_graph_max_batch = absl::GetFlag(FLAGS_cuda_graph_max_batch);
   const std::string host = absl::GetFlag(FLAGS_host);

@@ -108,6 +108,8 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const EngineOptions
   auto dtype = ParseDtype(options.dtype);
   if (!dtype.ok()) return dtype.status();
   if (options.prefill_chunk <= 0) return absl::InvalidArgumentError("prefill_chunk must be positive");
+  if (options.prefill_step_tokens < 0)
+    return absl::InvalidArgumentError("prefill_step_tokens must be 0 (one chunk through every layer) or positive");
   if (!std::filesystem::is_directory(options.model_dir))
     return absl::NotFoundError(absl::StrCat(options.model_dir, ": model directory does not exist"));
   if (options.threads > 0) at::set_num_threads(options.threads);
@@ -426,15 +428,16 @@ absl::Status Generator::PrefillStep(Sequence& seq) {
     at::Tensor logits;
     if (s.ctx_done < s.n_ctx) {
       // Context, layer-major: every chunk through a layer (compressed as its last chunk leaves
-      // it), then the next layer; prefill_chunk x num_layers token-layers per step, the work of
-      // one token-major chunk.
+      // it), then the next layer; prefill_step_tokens (default prefill_chunk) x num_layers
+      // token-layers per step.
       if (!s.ctx_prefill) {
         auto ids = at::empty({s.n_ctx}, long_opts);
         std::copy(s.prompt.context.begin(), s.prompt.context.end(), ids.data_ptr<int64_t>());
         s.ctx_prefill = std::make_unique<model::LayerMajorPrefill>(model, ids, /*first_position=*/0, chunk, *s.cache,
                                                                    s.compressor.get());
       }
-      if (s.ctx_prefill->Step(chunk * cfg.num_layers)) {
+      const int64_t step_tokens = impl_->options.prefill_step_tokens > 0 ? impl_->options.prefill_step_tokens : chunk;
+      if (s.ctx_prefill->Step(step_tokens * cfg.num_layers)) {
         s.ctx_done = s.n_ctx;
         if (s.n_q == 0) logits = s.ctx_prefill->Logits();
         s.ctx_prefill.reset();

@@ -97,7 +97,13 @@ struct EngineOptions {
   std::string device = "cpu";  // "cpu", "cuda", "cuda:N"
   std::string dtype = "auto";  // "auto" (float32 on CPU, the checkpoint's on CUDA), "float32", "bfloat16", "float16"
   int threads = 0;             // CPU intra-op threads; 0 = all cores
-  int prefill_chunk = 512;     // context tokens per prefill step
+  int prefill_chunk = 512;     // context tokens per prefill chunk
+  // The prefill work of one PrefillStep, in context tokens through every layer: a step runs
+  // chunks through layers (layer-major) until prefill_step_tokens x num_layers token-layers are
+  // done, at least one chunk through one layer. 0: prefill_chunk (one chunk through every layer).
+  // Smaller steps let a batching server interleave decode steps more often (lower inter-token
+  // latency for the running requests, more steps per prefill).
+  int prefill_step_tokens = 0;
   // Refuse a request whose full-size cache exceeds the device's (or host's) free memory now.
   // The server turns it off: it admits requests against a KV budget of its own.
   bool check_free_memory = true;
@@ -177,7 +183,7 @@ class Generator {
   absl::StatusOr<std::unique_ptr<Sequence>> Start(const GenerateRequest& request, TextCallback on_text = {},
                                                   const PromptTokens* prompt = nullptr);
   // Runs the next prompt step of `seq`: the context layer by layer (model::LayerMajorPrefill,
-  // prefill_chunk x num_layers token-layers per step; each layer compressed once its last
+  // prefill_step_tokens x num_layers token-layers per step; each layer compressed once its last
   // chunk has run), then the question in prefill_chunk pieces; after the last one the first
   // token is sampled.
   absl::Status PrefillStep(Sequence& seq);

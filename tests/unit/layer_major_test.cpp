@@ -215,6 +215,54 @@ TEST_F(LayerMajorGenerator, TokensAndKeptPositionsEqualTheTokenMajorReference) {
   }
 }
 
+TEST_F(LayerMajorGenerator, PrefillStepTokensSetsTheWorkPerStepNotTheResult) {
+  // prefill_step_tokens x layers token-layers per step, at least one chunk (16 tokens) through
+  // one layer: 1 gives one chunk-layer per step, 48 three chunks through every layer's share.
+  GenerateRequest req = Request("snapkv");
+  const int64_t n = static_cast<int64_t>(gen_->Tokenize(req)->context.size());
+  const int64_t layers = gen_->info().num_layers, chunks = (n + 15) / 16;
+  auto reference = gen_->Generate(req);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  for (int step_tokens : {1, 48}) {
+    SCOPED_TRACE(step_tokens);
+    EngineOptions o;
+    o.model_dir = ModelDir("stories260K");
+    o.prefill_chunk = 16;
+    o.prefill_step_tokens = step_tokens;
+    auto g = Generator::Create(o);
+    ASSERT_TRUE(g.ok()) << g.status();
+    auto seq = (*g)->Start(req);
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    int64_t steps = 0;
+    while ((*seq)->prefilling()) {
+      ASSERT_TRUE((*g)->PrefillStep(**seq).ok());
+      ++steps;
+    }
+    // A step runs chunk-layers in order (chunk 0..chunks-1 through layer 0, then layer 1, ...)
+    // until it has done step_tokens x layers token-layers.
+    int64_t expected = 0, spent = 0;
+    for (int64_t l = 0; l < layers; ++l)
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (spent == 0) ++expected;
+        spent += std::min<int64_t>(16, n - c * 16);
+        if (spent >= step_tokens * layers) spent = 0;
+      }
+    EXPECT_EQ(steps, expected);
+    EXPECT_GE(steps, step_tokens == 1 ? chunks * layers / 4 : chunks / 3);
+    (*seq)->Cancel();
+    auto r = (*g)->Generate(req);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->token_ids, reference->token_ids);
+    EXPECT_EQ(r->compression.positions, reference->compression.positions);
+  }
+  EngineOptions bad;
+  bad.model_dir = ModelDir("stories260K");
+  bad.prefill_step_tokens = -1;
+  auto g = Generator::Create(bad);
+  ASSERT_FALSE(g.ok());
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(LayerMajorGenerator, ReservationCoversThePeakWhilePrefilling) {
   for (const char* name : {"none", "snapkv"}) {
     SCOPED_TRACE(name);
