@@ -103,6 +103,21 @@ def test_batched_outputs_equal_alone(batch_server, pb):
     wait_idle_gauges(batch_server)
 
 
+def test_fine_prefill_steps_give_the_same_outputs(start_server, pb):
+    # One 16-token chunk through one layer per engine step: prefills are spread over many steps
+    # with decode steps of the others between them; each request still gets its lone output.
+    server = start_server("--log_format=json", "--max_batch=16", "--prefill_chunk=16", "--prefill_step_tokens=1")
+    reqs = workload(12)
+    with server.channel() as ch:
+        stub = pb.defkv_grpc.DefKVStub(ch)
+        alone = [stub.Generate(pb.defkv.GenerateRequest(**r), timeout=120) for r in reqs]
+    together = run_concurrently(server, pb, reqs)
+    for r, a, b in zip(reqs, alone, together):
+        assert not isinstance(b, grpc.RpcError), f"{r['request_id']}: {b}"
+        assert list(b.token_ids) == list(a.token_ids), f"{r['request_id']} ({r['press']}) differs when batched"
+    wait_idle_gauges(server)
+
+
 def bytes_per_token(server, pb):
     with server.channel() as ch:
         info = pb.defkv_grpc.DefKVStub(ch).GetModelInfo(pb.defkv.GetModelInfoRequest(), timeout=10)
