@@ -14,7 +14,7 @@ void ApplySafeguard(at::Tensor& scores, int64_t n_kept, double alpha) {
   int64_t n_safe = static_cast<int64_t>(static_cast<double>(n_kept) * alpha);
   if (alpha > 0) n_safe = n_kept > 0 ? std::max<int64_t>(1, n_safe) : 0;
   if (n_safe == 0) return;
-  at::Tensor top = std::get<1>(scores.topk(std::min(n_safe, scores.size(1)), -1));
+  at::Tensor top = TopKIndices(scores, n_safe);
   scores.scatter_(1, top, std::numeric_limits<float>::max());
 }
 

@@ -1,5 +1,6 @@
 // Building blocks shared by the presses: kept-count rounding, top-k selections, the
 // observation-window attention, pooling and the projected value norm.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -13,9 +14,33 @@ int64_t NKept(int64_t context_len, double ratio) {
   return std::max<int64_t>(1, n);
 }
 
+namespace {
+
+// One int64 key per score that orders as (score, -position) does: the float's bits made
+// order-preserving (negative floats get their magnitude bits flipped), then 2^32 - 1 - position
+// in the low 32 bits. -0 and +0 get the same key bits, as they compare equal.
+at::Tensor RankKeys(const at::Tensor& scores) {
+  const int64_t len = scores.size(-1);
+  TORCH_CHECK(len < (int64_t{1} << 32), "RankKeys: rows longer than 2^32 entries");
+  at::Tensor bits = (scores.to(at::kFloat) + 0.0).contiguous().view(at::kInt).to(at::kLong);
+  at::Tensor ordered = at::where(bits < 0, bits.bitwise_xor(0x7FFFFFFF), bits);
+  at::Tensor positions = at::arange(len, scores.options().dtype(at::kLong));
+  return ordered * (int64_t{1} << 32) + ((int64_t{1} << 32) - 1 - positions);
+}
+
+}  // namespace
+
+at::Tensor TopKIndices(const at::Tensor& scores, int64_t k) {
+  return std::get<1>(RankKeys(scores).topk(std::min<int64_t>(k, scores.size(-1)), -1));
+}
+
+at::Tensor SortDescendingIndices(const at::Tensor& scores) {
+  return std::get<1>(RankKeys(scores).sort(/*dim=*/-1, /*descending=*/true));
+}
+
 HeadSelection TopKPerHead(const at::Tensor& scores, int64_t n) {
   // One top-k over every head's row.
-  at::Tensor idx = std::get<1>(scores.topk(std::min<int64_t>(n, scores.size(1)), -1));
+  at::Tensor idx = TopKIndices(scores, n);
   HeadSelection out;
   for (int64_t h = 0; h < scores.size(0); ++h) out.push_back(idx[h]);
   return out;
@@ -25,7 +50,7 @@ HeadSelection TopKPerHead(const at::Tensor& scores, const std::vector<int64_t>& 
   HeadSelection out;
   for (int64_t h = 0; h < scores.size(0); ++h) {
     const int64_t n = std::min<int64_t>(counts[h], scores.size(1));
-    out.push_back(std::get<1>(scores[h].topk(n)));
+    out.push_back(TopKIndices(scores[h], n));
   }
   return out;
 }
@@ -39,7 +64,7 @@ std::vector<int64_t> CountPerHead(const at::Tensor& flat_indices, int64_t num_he
 }
 
 at::Tensor TopKFlatSorted(const at::Tensor& flat, int64_t n) {
-  return std::get<0>(std::get<1>(flat.topk(std::min(n, flat.numel()))).sort());
+  return std::get<0>(TopKIndices(flat, n).sort());
 }
 
 HeadSelection SplitByRow(const at::Tensor& sorted_flat, int64_t rows, int64_t len) {
@@ -63,7 +88,14 @@ std::optional<HeadSelection> ScorerPress::CompressLayer(const LayerInputs& in) {
   return TopKPerHead(Score(in), NKept(in.context_len(), in.compression_ratio));
 }
 
-at::Tensor WindowAttention(const LayerInputs& in, int64_t w, int64_t kv_head) {
+int64_t KvHeadsPerScoringPass(const LayerInputs& in, int64_t w) {
+  constexpr int64_t kPassBytes = int64_t{192} << 20;
+  const int64_t heads = in.num_kv_heads(), group = in.model->config().num_heads / heads;
+  const int64_t per_head = std::max<int64_t>(1, group * w * in.context_len() * 4);
+  return std::clamp<int64_t>(kPassBytes / per_head, 1, heads);
+}
+
+at::Tensor WindowAttention(const LayerInputs& in, int64_t w, int64_t first_kv_head, int64_t kv_heads) {
   const model::Transformer& m = *in.model;
   const int64_t len = in.context_len(), hq = m.config().num_heads, d = m.config().head_dim;
   at::Tensor x = in.hidden.narrow(0, in.hidden.size(0) - w, w);
@@ -75,9 +107,9 @@ at::Tensor WindowAttention(const LayerInputs& in, int64_t w, int64_t kv_head) {
   // query head ([H_q, L, D] would be 4x the layer's keys at GQA 4).
   const int64_t group = hq / in.num_kv_heads();
   at::Tensor keys = in.keys;
-  if (kv_head >= 0) {
-    q = q.narrow(0, kv_head * group, group);
-    keys = keys.narrow(0, kv_head, 1);
+  if (first_kv_head >= 0) {
+    q = q.narrow(0, first_kv_head * group, kv_heads * group);
+    keys = keys.narrow(0, first_kv_head, kv_heads);
   }
   const int64_t heads = keys.size(0), rows = heads * group;
   at::Tensor logits = at::matmul(q.reshape({heads, group * w, d}), keys.transpose(1, 2)).view({rows, w, len}) /

@@ -21,7 +21,7 @@ constexpr float kMax = std::numeric_limits<float>::max();
 void Secure(at::Tensor& scores, const at::Tensor& by, const std::vector<int64_t>& counts) {
   const int64_t most = *std::max_element(counts.begin(), counts.end());
   if (most <= 0) return;
-  at::Tensor top = std::get<1>(by.topk(std::min(most, by.size(1)), -1));
+  at::Tensor top = TopKIndices(by, most);
   for (int64_t h = 0; h < scores.size(0); ++h)
     if (counts[h] > 0) scores[h].scatter_(0, top[h].narrow(0, 0, counts[h]), kMax);
 }
@@ -62,7 +62,7 @@ class CriticalAdaKVPress final : public Press {
     at::Tensor s = snap_.Score(in);
     ApplySafeguard(s, n_kept, alpha_);
     // AdaKV budgets from the safeguarded base scores.
-    at::Tensor flat = std::get<1>(s.reshape({-1}).topk(heads * n_kept));
+    at::Tensor flat = TopKIndices(s.reshape({-1}), heads * n_kept);
     std::vector<int64_t> budget = CountPerHead(flat, heads, len);
     // Stage 1: a first_stage_ratio share of each budget by the base scores.
     std::vector<int64_t> first(heads);

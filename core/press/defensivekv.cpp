@@ -4,6 +4,8 @@
 // the same way and lets all layers compete for one budget.
 #include "core/press/defensivekv.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "core/press/presses.h"
 
@@ -34,7 +36,8 @@ HeadSelection StageOneProtected(const at::Tensor& abar, double tau, double beta,
   // so those are exactly the entries below it; none reaching it (or a head without mass, whose
   // sums are NaN) protects nothing.
   at::Tensor p = abar / abar.sum(-1, /*keepdim=*/true);
-  auto [sorted, order] = p.sort(/*dim=*/-1, /*descending=*/true);
+  const at::Tensor order = SortDescendingIndices(p);
+  const at::Tensor sorted = p.gather(-1, order);
   at::Tensor below = (sorted.cumsum(-1) < threshold).sum(-1);
   at::Tensor count = at::where(below < n, below, at::zeros_like(below)).clamp_max(cap).to(at::kCPU);
   const auto c = count.accessor<int64_t, 1>();
@@ -46,21 +49,24 @@ HeadSelection StageOneProtected(const at::Tensor& abar, double tau, double beta,
 at::Tensor LayerScores(const LayerInputs& in, int64_t window, int64_t kernel_size, double tau) {
   const int64_t len = in.context_len(), n = len - window, heads = in.num_kv_heads();
   const int64_t tail = std::min(window, n);
-  // Kv head by kv head, on the window attention of its G query heads ([G, w, n]; the fp32
-  // temporaries of all heads at once are 1.3 GB at 128K): (a) the tail mass of each window row,
-  // for beta, (b) the raw attention for stage 1, (c)-(d) the defensive aggregation.
+  // A few kv heads per pass, on the window attention of their query heads ([k G, w, n]; the
+  // fp32 temporaries of all heads at once are 1.3 GB at 128K, KvHeadsPerScoringPass bounds
+  // them): (a) the tail mass of each window row, for beta, (b) the raw attention for stage 1,
+  // (c)-(d) the defensive aggregation.
+  const int64_t per_pass = KvHeadsPerScoringPass(in, window);
   std::vector<at::Tensor> tails, abars, aggregates;
-  for (int64_t h = 0; h < heads; ++h) {
-    at::Tensor a = WindowAttention(in, window, h);
-    tails.push_back(a.narrow(2, n - tail, tail).sum(-1));  // [G, w]
-    abars.push_back(a.mean(1).mean(0));
-    aggregates.push_back(DefensiveAggregate(a, 1, kernel_size)[0]);
+  for (int64_t h = 0; h < heads; h += per_pass) {
+    const int64_t k = std::min(per_pass, heads - h);
+    at::Tensor a = WindowAttention(in, window, h, k);
+    tails.push_back(a.narrow(2, n - tail, tail).sum(-1));  // [k G, w]
+    abars.push_back(a.mean(1).view({k, -1, n}).mean(1));  // [k, n]
+    aggregates.push_back(DefensiveAggregate(a, k, kernel_size));
   }
   // beta: mass on the last w non-window tokens (the reference's choice, kept for parity), the
   // mean over every query head's window rows.
   const double beta = at::cat(tails).mean().item<double>();
-  at::Tensor abar = at::stack(abars);
-  at::Tensor s = at::stack(aggregates);
+  at::Tensor abar = at::cat(abars);
+  at::Tensor s = at::cat(aggregates);
   // (e) value-norm share across kv heads.
   at::Tensor vnorm = GroupMean(ProjectedValueNorm(in, n), heads);
   s = s * (vnorm / vnorm.sum(0, true));

@@ -66,6 +66,14 @@ class ScorerPress : public Press {
 
 // kvpress's compute_n_kept: max(1, int(L * (1 - ratio))) with double arithmetic.
 int64_t NKept(int64_t context_len, double ratio);
+// Every selection below ranks by score, and equal scores by position: the earlier position
+// first. ATen's topk and sort leave the order of equal values to the implementation, and its
+// CPU and CUDA kernels choose differently, so without this a press whose scores tie (softmax
+// weights that underflow to 0, say) would keep different entries on the two devices.
+// The indices of the k highest entries along the last dim, highest first.
+at::Tensor TopKIndices(const at::Tensor& scores, int64_t k);
+// The order of all entries along the last dim, highest first.
+at::Tensor SortDescendingIndices(const at::Tensor& scores);
 // Per head, the positions of the n largest scores ([H, L] -> H tensors of n positions).
 HeadSelection TopKPerHead(const at::Tensor& scores, int64_t n);
 // Per head, top counts[h] positions.
@@ -82,10 +90,15 @@ HeadSelection SplitByRow(const at::Tensor& sorted_flat, int64_t rows, int64_t le
 std::vector<int64_t> CountPerHead(const at::Tensor& flat_indices, int64_t num_heads, int64_t len);
 
 // Window attention (spec §1.4): the last w context queries against all L keys, causal inside
-// the window, fp32 softmax over keys, window columns dropped. [H_q, w, L - w]; with kv_head >= 0
-// only the G query heads reading that kv head, [G, w, L - w] (scorers loop over kv heads so that
-// the fp32 [H_q, w, L] temporaries never exist at once: 1.3 GB at 128K for Llama-3.1-8B).
-at::Tensor WindowAttention(const LayerInputs& in, int64_t w, int64_t kv_head = -1);
+// the window, fp32 softmax over keys, window columns dropped. [H_q, w, L - w]; with
+// first_kv_head >= 0 only the G query heads of each of kv heads first_kv_head ..
+// first_kv_head + kv_heads - 1, [kv_heads * G, w, L - w].
+at::Tensor WindowAttention(const LayerInputs& in, int64_t w, int64_t first_kv_head = -1, int64_t kv_heads = 1);
+// How many kv heads a window-attention scorer takes in one pass, so that the fp32 [G, w, L]
+// blocks of a pass stay under 192 MiB: the temporaries of all 32 query heads at once are
+// 1.3 GB at 128K for Llama-3.1-8B (one kv head per pass there), while small contexts take every
+// head in one pass (fewer launches: 6 of 8 kv heads per pass at 32K).
+int64_t KvHeadsPerScoringPass(const LayerInputs& in, int64_t w);
 // F.avg_pool1d(x, k, stride 1, padding k/2, count_include_pad) along the last axis.
 at::Tensor AvgPool(const at::Tensor& x, int64_t k);
 // ||V[g(h), t] . W_o^(h)||_1 for every query head h and token t < n: [H_q, n] (spec §3.12).

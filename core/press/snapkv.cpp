@@ -2,6 +2,7 @@
 
 #include "core/press/presses.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace defkv::press {
@@ -14,11 +15,15 @@ absl::Status SnapKVPress::CheckContext(int64_t context_len) const {
 }
 
 at::Tensor SnapKVPress::Score(const LayerInputs& in) {
-  // Kv head by kv head (the window attention of one head group at a time): [H, n].
+  // A few kv heads per pass (KvHeadsPerScoringPass bounds the window attention's memory): [H, n].
+  const int64_t heads = in.num_kv_heads(), per_pass = KvHeadsPerScoringPass(in, window_);
   std::vector<at::Tensor> rows;
-  for (int64_t h = 0; h < in.num_kv_heads(); ++h)
-    rows.push_back(AvgPool(WindowAttention(in, window_, h).mean(1), kernel_).mean(0));  // [G, w, n] -> [n]
-  at::Tensor s = at::stack(rows);
+  for (int64_t h = 0; h < heads; h += per_pass) {
+    const int64_t k = std::min(per_pass, heads - h);
+    at::Tensor pooled = AvgPool(WindowAttention(in, window_, h, k).mean(1), kernel_);  // [k G, w, n] -> [k G, n]
+    rows.push_back(pooled.view({k, -1, pooled.size(-1)}).mean(1));                      // [k, n]
+  }
+  at::Tensor s = at::cat(rows);
   return PadScores(s, window_, s.max().item<double>() + 1);
 }
 

@@ -34,6 +34,10 @@ KVPRESS_PRESSES = ["snapkv", "pyramidkv", "streaming_llm", "knorm", "tova", "obs
                    "expected_attention", "keydiff", "adakv", "criticalkv", "critical_adakv"]
 WINDOWED = {"snapkv", "pyramidkv", "adakv", "criticalkv", "critical_adakv", "defensivekv", "layer_defensivekv"}
 MASK_BASED = {"adakv", "critical_adakv"}  # kvpress keeps the cache whole and masks the evicted keys
+# kvpress presses that keep each head's top entries of their own score(): their scores tell exact
+# ties at the boundary apart (where either choice is right; torch.topk's choice among equal
+# scores differs from defkv's, earlier position first).
+PER_HEAD_TOPK = {"snapkv", "streaming_llm", "knorm", "tova", "observed_attention", "expected_attention", "keydiff"}
 
 WINDOW = 16  # every windowed press runs with this window on both sides (defkv's default is 32, kvpress's 64)
 QUESTION = "What did the keeper say?"
@@ -321,9 +325,10 @@ def _rows_to_positions(full_k, full_v, kept_k, kept_v) -> list[list[int]]:
 
 
 def kvpress_run(model_dir: pathlib.Path, press_name: str, ratio: float, context: str, question: str = QUESTION,
-                max_new_tokens: int = 12) -> tuple[list[list[list[int]]] | None, str]:
+                max_new_tokens: int = 12, scores: dict | None = None) -> tuple[list[list[list[int]]] | None, str]:
     """Runs kvpress's pipeline and returns (kept positions [layer][kv head], answer). With ratio 0
-    or press "none" the positions are None (nothing is compressed)."""
+    or press "none" the positions are None (nothing is compressed). With `scores` (a dict) and a
+    press of PER_HEAD_TOPK, scores[layer] receives the press's scores [kv heads, L] (fp32, CPU)."""
     import torch
 
     attn = attn_implementation(press_name)
@@ -365,6 +370,15 @@ def kvpress_run(model_dir: pathlib.Path, press_name: str, ratio: float, context:
     for layer in model.model.layers:
         layer.self_attn.defkv_evicted = None
     press.compress = observing_compress  # instance attribute: BasePress.forward_hook calls self.compress
+    if scores is not None and press_name in PER_HEAD_TOPK:
+        inner_score = press.score
+
+        def recording_score(module, hidden_states, keys, values, attentions, kwargs):
+            s = inner_score(module, hidden_states, keys, values, attentions, kwargs)
+            scores[module.layer_idx] = s[0].detach().float().cpu()
+            return s
+
+        press.score = recording_score  # ScorerPress.compress calls self.score
     with torch.no_grad():
         answer = pipe(context, question=question, press=press, max_new_tokens=max_new_tokens)["answer"]
     if ratio == 0:
@@ -376,6 +390,24 @@ def kvpress_run(model_dir: pathlib.Path, press_name: str, ratio: float, context:
 # ------------------------------------------------------------------------------------------------
 # Comparison
 # ------------------------------------------------------------------------------------------------
+
+def per_head_ties(ref: list[list[list[int]]], got: list[list[list[int]]], scores: dict) -> int:
+    """How many of the entries kept_difference counts sit exactly at their head's boundary score
+    (the lowest score the reference kept in that head), by the reference's scores: there either
+    choice is right."""
+    n = 0
+    for layer, (rl, gl) in enumerate(zip(ref, got)):
+        s = scores[layer]
+        for h, (rh, gh) in enumerate(zip(rl, gl)):
+            only_ref, only_got = set(rh) - set(gh), set(gh) - set(rh)
+            if not (only_ref or only_got) or not rh:
+                continue
+            boundary = min(float(s[h, t]) for t in rh)
+            tie_ref = sum(float(s[h, t]) == boundary for t in only_ref)
+            tie_got = sum(float(s[h, t]) == boundary for t in only_got)
+            n += max(len(only_ref), len(only_got)) - max(len(only_ref) - tie_ref, len(only_got) - tie_got)
+    return n
+
 
 def kept_difference(ref: list[list[list[int]]], got: list[list[list[int]]]) -> tuple[int, int, list[str]]:
     """(mismatches, entries, details). An entry is a kept (layer, head, position) of `ref`;

@@ -1,5 +1,6 @@
 // Presses against the oracles of spec/presses.md §11 and the worked example of §4.5, on real
 // layer inputs from a prefill of a tiny random model.
+#include <algorithm>
 #include <set>
 
 #include <gtest/gtest.h>
@@ -20,6 +21,34 @@ at::Tensor ToyAttention() {
                      .40, .10, .00, .00, .00, .10, .10, .00, .50, .00, .00, .00},
                     at::kFloat)
       .view({2, 2, 6});
+}
+
+TEST(Selection, EqualScoresRankByEarlierPosition) {
+  // 1 > 0.5 > the zeros (-0 equals +0; positions 0, 2, 3, 6 in that order) > -1 > -2.
+  const at::Tensor s = at::tensor({0.f, 1.f, 0.f, -0.f, 0.5f, -2.f, 0.f, -1.f});
+  const std::vector<int64_t> order = {1, 4, 0, 2, 3, 6, 7, 5};
+  const at::Tensor sorted = SortDescendingIndices(s);
+  EXPECT_EQ(std::vector<int64_t>(sorted.data_ptr<int64_t>(), sorted.data_ptr<int64_t>() + 8), order);
+  const at::Tensor top = TopKIndices(s.view({1, 8}), 4);
+  EXPECT_EQ(std::vector<int64_t>(top.data_ptr<int64_t>(), top.data_ptr<int64_t>() + 4),
+            std::vector<int64_t>(order.begin(), order.begin() + 4));
+  // Rows of many ties against a sort by score descending, then position ascending, in plain C++.
+  at::manual_seed(7);
+  for (int64_t len : {5, 300, 70000}) {
+    const at::Tensor x = (at::randint(0, 4, {3, len}).to(at::kFloat) - 1.5) * 0.25;
+    const int64_t k = len / 3 + 1;
+    const at::Tensor got = TopKIndices(x, k).contiguous();
+    for (int64_t r = 0; r < 3; ++r) {
+      const at::Tensor row = x[r].contiguous();
+      const float* v = row.data_ptr<float>();
+      std::vector<int64_t> want(len);
+      for (int64_t i = 0; i < len; ++i) want[i] = i;
+      std::sort(want.begin(), want.end(), [&](int64_t a, int64_t b) { return v[a] != v[b] ? v[a] > v[b] : a < b; });
+      want.resize(k);
+      const int64_t* g = got[r].data_ptr<int64_t>();
+      EXPECT_EQ(std::vector<int64_t>(g, g + k), want) << "len " << len << " row " << r;
+    }
+  }
 }
 
 TEST(DefensiveKV, WorkedExampleAggregation) {
