@@ -117,7 +117,8 @@ at::Tensor WindowAttention(const LayerInputs& in, int64_t w, int64_t first_kv_he
   // Window query j sits at position L - w + j and sees keys 0 .. L - w + j.
   auto opts = at::TensorOptions().dtype(at::kLong).device(q.device());
   at::Tensor future = at::arange(0, len, opts).unsqueeze(0) > at::arange(len - w, len, opts).unsqueeze(1);
-  logits = logits.to(at::kFloat).masked_fill(future, -std::numeric_limits<float>::infinity());
+  logits = logits.to(at::kFloat);
+  logits.masked_fill_(future, -std::numeric_limits<float>::infinity());
   return at::softmax(logits, -1).narrow(-1, 0, len - w);
 }
 

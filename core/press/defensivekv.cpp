@@ -16,10 +16,12 @@ at::Tensor DefensiveAggregate(const at::Tensor& attn, int64_t num_kv_heads, int6
                               at::Tensor* mu_out) {
   const int64_t hq = attn.size(0), w = attn.size(1), n = attn.size(2);
   at::Tensor base = attn.sum(-1, true);
-  at::Tensor pooled = AvgPool(attn, kernel_size);
-  at::Tensor mass = pooled.sum(-1, true);
-  // A row with no mass stays all zero instead of 0/0.
-  at::Tensor renorm = at::where(mass > 0, pooled * base / mass, at::zeros_like(pooled));
+  // In place from here: at 128K one kv head's [G, w, n] is 134 MB, and the expression
+  // where(mass > 0, pooled * base / mass, 0) held four of them at once.
+  at::Tensor renorm = AvgPool(attn, kernel_size);
+  at::Tensor mass = renorm.sum(-1, true);
+  renorm.mul_(base).div_(mass);
+  renorm.masked_fill_(mass.gt(0).logical_not(), 0);  // a row with no mass stays all zero, not 0/0
   at::Tensor m = renorm.view({num_kv_heads, hq / num_kv_heads * w, n}).amax(1);  // max over G and window
   at::Tensor mu = m.mean(-1, true);
   if (m_out) *m_out = m;
