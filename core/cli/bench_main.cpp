@@ -4,6 +4,7 @@
 // weights and the KV cache once at the copy bandwidth measured in the same run.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <limits>
@@ -63,6 +64,11 @@ usage: defkv-bench [options]
                        [TOKENS/2, TOKENS]); "default" is a grid of 8..1024 segments x 512..32768
   --attn-tunings LIST  the kernel's chunking for --attn-sweep, MIN_CHUNK:BLOCKS_PER_SM items
                        (default 128:64,256:16)
+  --gemv-sweep         instead of the tables: a decode step's weight GEMVs alone (qkv, o, gate_up,
+                       down and lm_head of each --shapes, over --gemv-rows rows of x), at::linear
+                       (cuBLAS) against the GEMV kernel, each a CUDA graph of 20 calls cycling over
+                       copies of the weight (no L2 reuse between calls): ms per call, GB/s of weight
+  --gemv-rows LIST     rows of x for --gemv-sweep, 1 to 8 each (default 1,4)
   --compress-profile   instead of the tables: the parts of compressing one layer, timed alone on a
                        layer of random keys and values of each --contexts length (window 32,
                        pooling 5, ratio 0.8, the presses' defaults)
@@ -500,6 +506,97 @@ int AttentionSweep(std::map<std::string, std::string>& a, const at::Device& dev,
 #endif
 }
 
+// --gemv-sweep: for every shape, its five projections over each row count, through at::linear
+// and through FusedLinear (the GEMV kernel), each captured by GraphMs. A call reads one of
+// `copies` copies of the weight in turn, enough that the copies a graph cycles through (at least
+// 256 MB) flush the L2 between two reads of one copy, as a decode step's layers do.
+int GemvSweep(std::map<std::string, std::string>& a, const at::Device& dev, at::ScalarType dtype, double bw,
+              bool json) {
+#ifdef DEFKV_WITH_CUDA
+  if (!dev.is_cuda() || dtype == at::kFloat) {
+    std::fprintf(stderr, "defkv-bench: --gemv-sweep needs --device cuda and a half-precision --dtype\n");
+    return 2;
+  }
+  std::vector<int64_t> row_counts;
+  for (const auto& r : Split(a["--gemv-rows"])) {
+    row_counts.push_back(std::stoll(r));
+    if (row_counts.back() < 1 || row_counts.back() > 8) {
+      std::fprintf(stderr, "defkv-bench: --gemv-rows takes 1 to 8 rows, not %s\n", r.c_str());
+      return 2;
+    }
+  }
+  at::InferenceMode guard;
+  const bool fused_was = defkv::model::FusedKernelsEnabled(), gemv_was = defkv::model::GemvKernelEnabled();
+  defkv::model::SetFusedKernels(true);
+  defkv::model::SetGemvKernel(true);
+  const auto opts = at::TensorOptions().dtype(dtype).device(dev);
+  for (const auto& shape : Split(a["--shapes"])) {
+    const ModelConfig c = Shape(shape);
+    struct Projection {
+      const char* name;
+      int64_t n, k;
+      bool bias;
+    };
+    const int64_t d = c.head_dim;
+    const Projection projections[] = {{"qkv", (c.num_heads + 2 * c.num_kv_heads) * d, c.hidden_size, c.qkv_bias},
+                                      {"o", c.hidden_size, c.num_heads * d, c.o_bias},
+                                      {"gate_up", 2 * c.intermediate_size, c.hidden_size, c.mlp_bias},
+                                      {"down", c.hidden_size, c.intermediate_size, c.mlp_bias},
+                                      {"lm_head", c.vocab_size, c.hidden_size, false}};
+    if (!json) {
+      std::printf("\ndecode weight GEMVs alone (%s), ms per call and GB/s of weight read; kernel/copy: the kernel's "
+                  "GB/s over the copy bandwidth (read + write)\n%-8s %6s %6s %4s %9s %16s %16s %7s %11s %9s\n",
+                  shape.c_str(), "proj", "N", "K", "M", "weight_MB", "cublas", "kernel", "speedup", "kernel/copy",
+                  "rel_err");
+    }
+    for (const Projection& p : projections) {
+      const double bytes = static_cast<double>(p.n * p.k) * static_cast<double>(c10::elementSize(dtype));
+      const int64_t copies = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(256e6 / bytes)), 1, 20);
+      EmptyCache(dev);
+      std::vector<at::Tensor> weights;
+      for (int64_t i = 0; i < copies; ++i) weights.push_back(at::randn({p.n, p.k}, opts) * 0.02);
+      const at::Tensor b = p.bias ? at::randn({p.n}, opts) * 0.02 : at::Tensor();
+      for (int64_t m : row_counts) {
+        const at::Tensor x = at::randn({m, p.k}, opts);
+        size_t next = 0;
+        const double cublas_ms = GraphMs([&] { at::linear(x, weights[next++ % weights.size()], b); }, dev);
+        next = 0;
+        const double kernel_ms = GraphMs(
+            [&] {
+              TORCH_CHECK(defkv::model::FusedLinear(x, weights[next++ % weights.size()], b).defined(),
+                          "the GEMV kernel does not cover this shape");
+            },
+            dev);
+        const at::Tensor ref = at::linear(x, weights[0], b).to(at::kFloat);
+        const double rel_err =
+            (defkv::model::FusedLinear(x, weights[0], b).to(at::kFloat) - ref).norm().item<double>() /
+            ref.norm().item<double>();
+        const auto rate = [&](double ms) { return bytes / (ms * 1e-3) / 1e9; };
+        if (json) {
+          nlohmann::json j = {{"mode", "gemv"}, {"shape", shape}, {"proj", p.name}, {"n", p.n}, {"k", p.k},
+                              {"rows", m}, {"bias", p.bias}, {"weight_bytes", bytes}, {"cublas_ms", cublas_ms},
+                              {"kernel_ms", kernel_ms}, {"copy_bandwidth", bw}, {"rel_err", rel_err}};
+          std::printf("%s\n", j.dump().c_str());
+        } else {
+          std::printf("%-8s %6lld %6lld %4lld %9.1f %7.4f (%6.0f) %7.4f (%6.0f) %6.2fx %11.2f %9.2e\n", p.name,
+                      static_cast<long long>(p.n), static_cast<long long>(p.k), static_cast<long long>(m), bytes / 1e6,
+                      cublas_ms, rate(cublas_ms), kernel_ms, rate(kernel_ms), cublas_ms / kernel_ms,
+                      rate(kernel_ms) * 1e9 / bw, rel_err);
+        }
+        std::fflush(stdout);
+      }
+    }
+  }
+  defkv::model::SetFusedKernels(fused_was);
+  defkv::model::SetGemvKernel(gemv_was);
+  return 0;
+#else
+  (void)a, (void)dev, (void)dtype, (void)bw, (void)json;
+  std::fprintf(stderr, "defkv-bench: --gemv-sweep needs a CUDA build\n");
+  return 2;
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -514,8 +611,9 @@ int main(int argc, char** argv) {
                                           {"--graphs", "on"},
                                           {"--batch-decode", ""},
                                           {"--attn-sweep", ""},
-                                          {"--attn-tunings", "128:64,256:16"}};
-  bool compress_profile = false;
+                                          {"--attn-tunings", "128:64,256:16"},
+                                          {"--gemv-rows", "1,4"}};
+  bool compress_profile = false, gemv_sweep = false;
   bool json = false;
   for (int i = 1; i < argc; ++i) {
     std::string k = argv[i];
@@ -529,6 +627,10 @@ int main(int argc, char** argv) {
     }
     if (k == "--compress-profile") {
       compress_profile = true;
+      continue;
+    }
+    if (k == "--gemv-sweep") {
+      gemv_sweep = true;
       continue;
     }
     if (!a.count(k) || i + 1 >= argc) {
@@ -551,11 +653,12 @@ int main(int argc, char** argv) {
     std::printf("device %s, copy bandwidth %.0f GB/s (read + write), decode graphs %s\n", dev.str().c_str(), bw / 1e9,
                 graphs ? "on" : "off");
   }
-  if (!json && !compress_profile && a["--attn-sweep"].empty()) {
+  if (!json && !compress_profile && !gemv_sweep && a["--attn-sweep"].empty()) {
     std::printf("%-12s %7s %-18s %5s %10s %10s %6s %9s %10s %9s %9s %8s\n", "shape", "context", "press", "ratio",
                 "prefill_s", "compress_s", "share", "ttft_s", "decode_ms", "kv_GB", "peak_GB", "roofline");
   }
   if (!a["--attn-sweep"].empty()) return AttentionSweep(a, dev, dtype, bw, json);
+  if (gemv_sweep) return GemvSweep(a, dev, dtype, bw, json);
   for (const auto& shape : Split(a["--shapes"])) {
     defkv::model::LoadOptions lo;
     lo.device = dev;

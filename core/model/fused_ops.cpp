@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/decode_attention.h"
+#include "kernels/gemv.h"
 #include "kernels/kv_append.h"
 #include "kernels/norm_rope.h"
 #include "kernels/value_norm.h"
@@ -34,6 +35,14 @@ std::atomic<bool>& Switch() {
 std::atomic<bool>& DecodeSwitch() {
   static std::atomic<bool> on{[] {
     const char* v = std::getenv("DEFKV_DECODE_KERNEL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }()};
+  return on;
+}
+
+std::atomic<bool>& GemvSwitch() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("DEFKV_GEMV_KERNEL");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }()};
   return on;
@@ -78,6 +87,8 @@ void SetFusedKernels(bool on) { Switch().store(on); }
 bool FusedKernelsEnabled() { return Switch().load(); }
 void SetDecodeKernel(bool on) { DecodeSwitch().store(on); }
 bool DecodeKernelEnabled() { return DecodeSwitch().load(); }
+void SetGemvKernel(bool on) { GemvSwitch().store(on); }
+bool GemvKernelEnabled() { return GemvSwitch().load(); }
 void SetDecodeAttentionTuning(int64_t min_chunk, int64_t blocks_per_sm) {
   g_min_chunk.store(min_chunk);
   g_blocks_per_sm.store(blocks_per_sm);
@@ -90,6 +101,7 @@ bool FusedAddRmsNormInPlace(at::Tensor&, const at::Tensor&, const at::Tensor&, d
 bool FusedSiluMulOut(const at::Tensor&, at::Tensor&) { return false; }
 at::Tensor FusedSiluMul(const at::Tensor&) { return {}; }
 bool FusedRopeInPlace(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
+at::Tensor FusedLinear(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
 at::Tensor FusedDecodeAttention(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, int64_t, double) {
   return {};
@@ -185,6 +197,25 @@ bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tens
                                    cos.data_ptr(), sin.data_ptr(), CurrentStream(x)),
               "FusedRopeInPlace");
   return true;
+}
+
+at::Tensor FusedLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (!Covered(x) || !GemvKernelEnabled() || x.dim() == 0 || !x.is_contiguous()) return {};
+  const auto dtype = *KernelDType(x.scalar_type());
+  const int64_t k = x.size(-1), rows = k == 0 ? 0 : x.numel() / k;
+  if (!kernels::GemvSupported(dtype, rows, k) || !w.defined() || w.dim() != 2) return {};
+  const int64_t n = w.size(0);
+  if (!Matches(w, x, {n, k}) || (b.defined() && !Matches(b, x, {n}))) return {};
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  if (!aligned(x) || !aligned(w)) return {};
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n;
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
+  CheckLaunch(kernels::Gemv(dtype, x.data_ptr(), rows, k, w.data_ptr(), n, b.defined() ? b.data_ptr() : nullptr,
+                            y.data_ptr(), CurrentStream(x)),
+              "FusedLinear");
+  return y;
 }
 
 at::Tensor FusedDecodeAttention(const at::Tensor& q, int64_t heads, const at::Tensor& k_pool,

@@ -1,10 +1,10 @@
 // The kernels of kernels/ for at::Tensor: the fused RMSNorm, residual add + RMSNorm, RoPE and
-// SiLU gate of kernels/norm_rope.h (used by Transformer::Run on CUDA), the decode step's append
-// and split-KV attention, and the projected value norm of the presses. Each entry says whether it
-// covered the case; when it did not (a CPU tensor or build, the switch off, a layout the kernel
-// does not take) it touched nothing and the caller runs the ATen expression, which stays the CPU
-// reference. Launches go on the current stream and allocate only through ATen, so a CUDA graph
-// can capture them.
+// SiLU gate of kernels/norm_rope.h (used by Transformer::Run on CUDA), the weight GEMV of the
+// decode step's projections, the decode step's append and split-KV attention, and the projected
+// value norm of the presses. Each entry says whether it covered the case; when it did not (a CPU
+// tensor or build, the switch off, a layout the kernel does not take) it touched nothing and the
+// caller runs the ATen expression, which stays the CPU reference. Launches go on the current
+// stream and allocate only through ATen, so a CUDA graph can capture them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,6 +43,22 @@ at::Tensor FusedSiluMul(const at::Tensor& gu);
 // contiguous last dim, D even, other strides free as long as no two (t, h) rows overlap;
 // cos, sin: [T, D] contiguous, x's dtype.
 bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// at::linear(x, w, b) for at most kernels::kGemvMaxRows (8) rows of x through the GEMV of
+// kernels/gemv.h, used by Transformer::RunLayer and Head for the qkv, o, gate/up and down
+// projections and the lm_head: it streams w with 16-byte read-only loads on the tensor cores
+// where cuBLAS runs a general GEMM. Its own switch, read once from DEFKV_GEMV_KERNEL when first
+// asked: on unless it is 0 (then cuBLAS); the fused switch turns it off too. Benchmarks
+// (defkv-bench --gemv-sweep) and tests set it.
+void SetGemvKernel(bool on);
+bool GemvKernelEnabled();
+
+// x: [..., K] contiguous with at most 8 rows (numel / K), K a multiple of 8; w: [N, K]
+// contiguous; b: [N] contiguous or undefined; one half-precision dtype on one device, x and w
+// 16-byte aligned. Returns [..., N] contiguous in x's dtype (fp32 sums, rounded once), or
+// undefined when not covered: CPU, a switch off, fp32, no rows or more than 8, a layout or
+// alignment the kernel does not take.
+at::Tensor FusedLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // The split-KV decode attention of kernels/decode_attention.h, used by
 // HeadwiseCache::AttendPlanned in place of the varlen flash call: on an H200 it streams K/V at

@@ -26,6 +26,12 @@ absl::StatusOr<at::ScalarType> ToTorch(DType d, const TensorView& v) {
 
 std::string ShapeStr(const std::vector<int64_t>& s) { return absl::StrCat("[", absl::StrJoin(s, ", "), "]"); }
 
+// at::linear(x, w, b); a decode step's few rows (at most 8) through the GEMV kernel on CUDA.
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
+  if (at::Tensor y = FusedLinear(x, w, b); y.defined()) return y;
+  return at::linear(x, w, b);
+}
+
 // Turns checkpoint tensors into device tensors of the model dtype, checking names and shapes.
 class WeightLoader {
  public:
@@ -286,7 +292,7 @@ at::Tensor Transformer::RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos,
   const LayerWeights& L = layers_[l];
   at::Tensor x_norm = pending != nullptr && pending->defined() ? AddRmsNorm(x, *pending, L.input_norm)
                                                                 : RmsNorm(x, L.input_norm);
-  at::Tensor qkv = at::linear(x_norm, L.w_qkv, L.b_qkv);
+  at::Tensor qkv = Linear(x_norm, L.w_qkv, L.b_qkv);
   auto parts = qkv.split_with_sizes({hq * d, hkv * d, hkv * d}, -1);
   // Token-major views [T, H, D] of the projection, handed to `attend` as they are.
   at::Tensor q = parts[0].view({t, hq, d});
@@ -308,15 +314,15 @@ at::Tensor Transformer::RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos,
   }
   at::Tensor attn = attend(l, q, k, v);  // [T, H_q, D]
   if (hook != nullptr) hook->AfterAttention(l, x_norm);
-  const at::Tensor h = AddRmsNorm(x, at::linear(attn.reshape({t, hq * d}), L.w_o, L.b_o), L.post_norm);
+  const at::Tensor h = AddRmsNorm(x, Linear(attn.reshape({t, hq * d}), L.w_o, L.b_o), L.post_norm);
 
-  const at::Tensor gu = at::linear(h, L.w_gate_up, L.b_gate_up);  // [T, 2 * inter]: gate | up
+  const at::Tensor gu = Linear(h, L.w_gate_up, L.b_gate_up);  // [T, 2 * inter]: gate | up
   at::Tensor act = FusedSiluMul(gu);
   if (!act.defined()) {
     auto g = gu.chunk(2, -1);
     act = at::silu(g[0]) * g[1];
   }
-  at::Tensor down = at::linear(act, L.w_down, L.b_down);
+  at::Tensor down = Linear(act, L.w_down, L.b_down);
   if (pending == nullptr) return x + down;
   *pending = std::move(down);
   return x;
@@ -328,10 +334,10 @@ at::Tensor Transformer::Head(at::Tensor x, bool all_logits, const at::Tensor& pe
     // Only the last row goes on: its residual add and norm alone.
     x = x.narrow(0, t - 1, 1);
     if (pending.defined()) x = x + pending.narrow(0, t - 1, 1);
-    return at::linear(RmsNorm(x, final_norm_), lm_head_).to(at::kFloat);
+    return Linear(RmsNorm(x, final_norm_), lm_head_).to(at::kFloat);
   }
   const at::Tensor y = pending.defined() ? AddRmsNorm(x, pending, final_norm_) : RmsNorm(x, final_norm_);
-  return at::linear(y, lm_head_).to(at::kFloat);
+  return Linear(y, lm_head_).to(at::kFloat);
 }
 
 LayerMajorPrefill::LayerMajorPrefill(const Transformer& model, at::Tensor ids, int64_t first_position, int64_t chunk,

@@ -1,4 +1,4 @@
-// Helpers shared by the GPU tests (gpu_test.cpp, gpu_value_norm_test.cpp).
+// Helpers shared by the GPU tests (gpu_test.cpp, gpu_gemv_test.cpp, gpu_value_norm_test.cpp).
 #pragma once
 
 #include <cstdint>

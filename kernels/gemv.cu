@@ -1,0 +1,210 @@
+// The CUDA half of gemv.h (layouts and rounding are written there). The reference is
+// at::linear; its CPU run in fp32 is the test's.
+//
+// The product is y^T = W x^T on the tensor cores: mma.sync.m16n8k16.row.col with W as the
+// 16 x 16 A operand (16 rows of W, K-contiguous: "row") and x as the 16 x 8 B operand (column n
+// of B is x row n, K-contiguous: "col"; the 8 columns cover M <= 8, columns past M are zeros).
+// An mma multiplies each W element by all M rows of x at once, so no lane converts or
+// multiplies in fp32, and x is read once per 16 rows of W, not once per row.
+//
+// - Loads straight into fragments. The dot product does not care which k each fragment slot
+//   stands for, as long as W and x agree, so lane (g = lane / 4, q = lane % 4) loads whole
+//   16-byte pieces: W rows g and g + 8 and x row g (g < M), all at the same 8 k's, the piece
+//   4 s + q of step s. The first 4 elements of a piece are its slots of one mma (fragment
+//   k 2q, 2q + 1 and 2q + 8, 2q + 9), the last 4 of a second: one step is 32 k, 2 mma.
+// - Block: 8 warps (256 threads) on 16 rows of W. Warp w takes steps w, w + 8, w + 16, ... of
+//   all K (at a given moment the 8 warps read one contiguous 512-byte span of each of the 16
+//   rows), 8 steps in flight per lane: 16 W loads of 16 bytes (256 bytes per lane, 64 KB per
+//   block; 120 registers with nvcc 13.0, so 2 blocks per SM) and 8 of x, issued together before
+//   any mma. W loads are ld.global.nc with L1::no_allocate (W is read once; x stays in L1) and
+//   L2::256B (the neighbouring warps' pieces). x is read through the read-only L1 path, not
+//   staged in shared memory: each x element is loaded by one lane of a block and shared by the
+//   mma across the 16 rows, so staging would add a barrier and a size limit on K * M for no reuse.
+// - Grid: ceil(N / 16) blocks (256 for N = 4096, 8016 for the 128256-row lm_head). Rows past N
+//   and pieces past K load zeros (predicated loads, no branch). At the end every warp's 16 x M
+//   fp32 sums go to shared memory and are added in warp order (the order depends on the shape
+//   only), plus the bias, and rounded once.
+//
+// Expected speed, not yet measured (defkv-bench --gemv-sweep prints it): W at close to the HBM
+// read bandwidth for the 7-8B projections, at M = 1 and M = 4 alike (the mma work is ~1% of the
+// tensor rate). The smallest matrix (o, 32 MB: 256 blocks, about 2 per SM, each warp 2 load rounds
+// deep) takes ~7 us at that rate, so its launch and ramp-up are a visible part of it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+// Only CUDA builds compile this file, and they define this; a standalone nvcc check may not.
+#ifndef DEFKV_WITH_CUDA
+#define DEFKV_WITH_CUDA 1
+#endif
+#include "kernels/gemv.h"
+
+namespace defkv::kernels {
+namespace {
+
+constexpr int kWarps = 8;  // warps per block, each on a slice of K for all of the block's rows
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;   // W rows per block: the M of one mma tile
+constexpr int kUnroll = 8;  // steps in flight per warp (2 W pieces and 1 x piece per lane each)
+
+template <typename T>
+struct Num;
+template <>
+struct Num<__half> {
+  static __device__ float ToFloat(__half v) { return __half2float(v); }
+  static __device__ __half FromFloat(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static __device__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
+};
+
+// 16 bytes of W when `pred`, else zeros: read once, so not kept in L1.
+__device__ __forceinline__ uint4 LoadWeights(const void* p, bool pred) {
+  uint4 v;
+  asm("{\n"
+      "  .reg .pred p;\n"
+      "  setp.ne.b32 p, %5, 0;\n"
+      "  mov.b32 %0, 0;\n"
+      "  mov.b32 %1, 0;\n"
+      "  mov.b32 %2, 0;\n"
+      "  mov.b32 %3, 0;\n"
+      "  @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// 16 bytes of x when `pred`, else zeros: read-only for the kernel's life, kept in L1.
+__device__ __forceinline__ uint4 LoadInput(const void* p, bool pred) {
+  uint4 v;
+  asm("{\n"
+      "  .reg .pred p;\n"
+      "  setp.ne.b32 p, %5, 0;\n"
+      "  mov.b32 %0, 0;\n"
+      "  mov.b32 %1, 0;\n"
+      "  mov.b32 %2, 0;\n"
+      "  mov.b32 %3, 0;\n"
+      "  @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// c += a b for one m16n8k16 tile, fp32 accumulators. a: {row g, k 2q..}, {row g + 8, k 2q..},
+// {row g, k 2q + 8..}, {row g + 8, k 2q + 8..}; b: {k 2q.., column g}, {k 2q + 8.., column g}.
+template <typename T>
+__device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Block b: y[:, 16 b .. 16 b + 15] of x [m, k], w [n, k], bias [n] (or null), y [m, n].
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    GemvKernel(const T* __restrict__ x, int m, int64_t k, const T* __restrict__ w, int64_t n,
+               const T* __restrict__ bias, T* __restrict__ y) {
+  __shared__ float part[kWarps][kGemvMaxRows][kRows];  // per warp, its sums [x row][W row]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, q = lane % 4;
+  const int64_t row0 = int64_t{blockIdx.x} * kRows;
+  const bool lo_in = row0 + g < n, hi_in = row0 + g + 8 < n, x_in = g < m;
+  // Byte addresses of the lane's two W rows and its x row (row 0 for lanes that load nothing).
+  const char* w_lo = reinterpret_cast<const char*>(w) + (lo_in ? row0 + g : 0) * k * sizeof(T);
+  const char* w_hi = reinterpret_cast<const char*>(w) + (hi_in ? row0 + g + 8 : 0) * k * sizeof(T);
+  const char* x_row = reinterpret_cast<const char*>(x) + (x_in ? g : 0) * k * sizeof(T);
+  const int64_t pieces = k / 8, steps = (pieces + 3) / 4;  // 16-byte pieces of a row; 4 per step
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t s0 = warp; s0 < steps; s0 += kWarps * kUnroll) {
+    uint4 lo[kUnroll], hi[kUnroll], b[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t piece = (s0 + int64_t{u} * kWarps) * 4 + q;
+      const bool in = piece < pieces;
+      const int64_t at = piece * 16;
+      lo[u] = LoadWeights(w_lo + at, in && lo_in);
+      hi[u] = LoadWeights(w_hi + at, in && hi_in);
+      b[u] = LoadInput(x_row + at, in && x_in);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      Mma<T>(acc, lo[u].x, hi[u].x, lo[u].y, hi[u].y, b[u].x, b[u].y);  // elements 0-3 of the pieces
+      Mma<T>(acc, lo[u].z, hi[u].z, lo[u].w, hi[u].w, b[u].z, b[u].w);  // elements 4-7
+    }
+  }
+
+  // acc[j]: W row g, x row 2q + j; acc[2 + j]: W row g + 8, x row 2q + j.
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int c = 2 * q + j;
+    if (c < m) {
+      part[warp][c][g] = acc[j];
+      part[warp][c][g + 8] = acc[2 + j];
+    }
+  }
+  __syncthreads();
+  // m * kRows <= 128 outputs, one thread each; consecutive threads write consecutive n.
+  const int t = threadIdx.x;
+  if (t < m * kRows) {
+    const int c = t / kRows, r = t % kRows;
+    const int64_t row = row0 + r;
+    if (row < n) {
+      float s = part[0][c][r];
+#pragma unroll
+      for (int v = 1; v < kWarps; ++v) s += part[v][c][r];
+      if (bias != nullptr) s += Num<T>::ToFloat(bias[row]);
+      y[c * n + row] = Num<T>::FromFloat(s);
+    }
+  }
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+int Launch(const void* x, int64_t m, int64_t k, const void* w, int64_t n, const void* bias, void* y,
+           cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows));
+  GemvKernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<int>(m), k,
+                                               static_cast<const T*>(w), n, static_cast<const T*>(bias),
+                                               static_cast<T*>(y));
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+bool GemvSupported(DType dtype, int64_t m, int64_t k) {
+  return dtype != DType::kFloat32 && m >= 1 && m <= kGemvMaxRows && k >= 0 && k % 8 == 0;
+}
+
+int Gemv(DType dtype, const void* x, int64_t m, int64_t k, const void* w, int64_t n, const void* bias, void* y,
+         void* stream) {
+  if (!GemvSupported(dtype, m, k) || n < 0 || (n + kRows - 1) / kRows > INT32_MAX || !Aligned16(x) || !Aligned16(w))
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat16: return Launch<__half>(x, m, k, w, n, bias, y, s);
+    case DType::kBFloat16: return Launch<__nv_bfloat16>(x, m, k, w, n, bias, y, s);
+    case DType::kFloat32: break;
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace defkv::kernels
