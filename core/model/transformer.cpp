@@ -26,9 +26,16 @@ absl::StatusOr<at::ScalarType> ToTorch(DType d, const TensorView& v) {
 
 std::string ShapeStr(const std::vector<int64_t>& s) { return absl::StrCat("[", absl::StrJoin(s, ", "), "]"); }
 
-// at::linear(x, w, b); a decode step's few rows (at most 8) through the GEMV kernel on CUDA.
+// at::linear(x, w, b). A decode step's few rows (at most 8) go through the GEMV kernel on CUDA
+// where defkv-bench --gemv-sweep measured it faster than cuBLAS on an H200 (docs/PERFORMANCE.md):
+// weights up to 160 MiB (the qkv, o and down projections of 7-8B models, 1.07-1.36x, one
+// Qwen2.5 qkv shape 0.96x), and at one row up to 512 MiB (gate_up, 1.02-1.06x); cuBLAS keeps
+// the lm_head (the kernel 0.97-0.98x) and gate_up over several rows (0.94x).
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
-  if (at::Tensor y = FusedLinear(x, w, b); y.defined()) return y;
+  const int64_t k = x.dim() > 0 ? x.size(-1) : 0, rows = k > 0 ? x.numel() / k : 0;
+  const int64_t limit = (rows == 1 ? int64_t{512} : int64_t{160}) << 20;
+  if (static_cast<int64_t>(w.nbytes()) <= limit)
+    if (at::Tensor y = FusedLinear(x, w, b); y.defined()) return y;
   return at::linear(x, w, b);
 }
 
