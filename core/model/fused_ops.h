@@ -45,9 +45,9 @@ at::Tensor FusedSiluMul(const at::Tensor& gu);
 bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // at::linear(x, w, b) for at most kernels::kGemvMaxRows (8) rows of x through the GEMV of
-// kernels/gemv.h, used by Transformer::RunLayer and Head for the qkv, o, gate/up and down
-// projections and the lm_head: it streams w with 16-byte read-only loads on the tensor cores
-// where cuBLAS runs a general GEMM. Its own switch, read once from DEFKV_GEMV_KERNEL when first
+// kernels/gemv.h: it streams w with 16-byte read-only loads on the tensor cores where cuBLAS runs
+// a general GEMM. Transformer::RunLayer and Head use it where it was measured faster (one row,
+// weights up to 512 MiB: the projections of a batch-1 decode step, not the lm_head). Its own switch, read once from DEFKV_GEMV_KERNEL when first
 // asked: on unless it is 0 (then cuBLAS); the fused switch turns it off too. Benchmarks
 // (defkv-bench --gemv-sweep) and tests set it.
 void SetGemvKernel(bool on);

@@ -26,15 +26,15 @@ absl::StatusOr<at::ScalarType> ToTorch(DType d, const TensorView& v) {
 
 std::string ShapeStr(const std::vector<int64_t>& s) { return absl::StrCat("[", absl::StrJoin(s, ", "), "]"); }
 
-// at::linear(x, w, b). A decode step's few rows (at most 8) go through the GEMV kernel on CUDA
-// where defkv-bench --gemv-sweep measured it faster than cuBLAS on an H200 (docs/PERFORMANCE.md):
-// weights up to 160 MiB (the qkv, o and down projections of 7-8B models, 1.07-1.36x, one
-// Qwen2.5 qkv shape 0.96x), and at one row up to 512 MiB (gate_up, 1.02-1.06x); cuBLAS keeps
-// the lm_head (the kernel 0.97-0.98x) and gate_up over several rows (0.94x).
+// at::linear(x, w, b). A batch-1 decode step's row goes through the GEMV kernel on CUDA for
+// weights up to 512 MiB: defkv-bench --gemv-sweep measured it 1.02-1.36x faster than cuBLAS on
+// an H200 for the qkv, o, gate_up and down projections of 7-8B models (one Qwen2.5 qkv shape
+// 0.96x) and 0.97-0.98x for the lm_head, which cuBLAS keeps (docs/PERFORMANCE.md). The whole
+// batch-1 step gains 1-2%; batched steps of 2, 4 and 8 rows were as fast or 0.5% slower with
+// the kernel, so they stay with cuBLAS.
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
   const int64_t k = x.dim() > 0 ? x.size(-1) : 0, rows = k > 0 ? x.numel() / k : 0;
-  const int64_t limit = (rows == 1 ? int64_t{512} : int64_t{160}) << 20;
-  if (static_cast<int64_t>(w.nbytes()) <= limit)
+  if (rows == 1 && static_cast<int64_t>(w.nbytes()) <= (int64_t{512} << 20))
     if (at::Tensor y = FusedLinear(x, w, b); y.defined()) return y;
   return at::linear(x, w, b);
 }

@@ -218,6 +218,14 @@ TEST_F(GpuGemv, KeepsModelLogits) {
         out.push_back((*m)->Forward(ids.narrow(0, p, 1), at::full({1}, p, at::kLong), *cache, true));
       return at::cat(out, 0);
     };
+    {
+      // The kernel takes the model's own projections, the biased qkv one included.
+      const Switches s(true, true);
+      const auto& layer = (*m)->layer(0);
+      const at::Tensor x = at::randn({1, c.hidden_size}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16));
+      EXPECT_EQ(model::FusedLinear(x, layer.w_qkv, layer.b_qkv).defined(), true) << "qkv_bias " << qkv_bias;
+      EXPECT_TRUE(model::FusedLinear(x, layer.w_gate_up, layer.b_gate_up).defined());
+    }
     const at::Tensor with = logits(true), without = logits(false);
     ASSERT_EQ(with.sizes(), (std::vector<int64_t>{23, c.vocab_size}));
     EXPECT_TRUE(at::equal(with.narrow(0, 0, 20), without.narrow(0, 0, 20)))
