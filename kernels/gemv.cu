@@ -41,6 +41,7 @@
 #define DEFKV_WITH_CUDA 1
 #endif
 #include "kernels/gemv.h"
+#include "kernels/num.cuh"
 
 namespace defkv::kernels {
 namespace {
@@ -50,50 +51,19 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;   // W rows per block: the M of one mma tile
 constexpr int kUnroll = 8;  // steps in flight per warp (2 W pieces and 1 x piece per lane each)
 
-template <typename T>
-struct Num;
-template <>
-struct Num<__half> {
-  static __device__ float ToFloat(__half v) { return __half2float(v); }
-  static __device__ __half FromFloat(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  static __device__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
-};
-
-// 16 bytes of W when `pred`, else zeros: read once, so not kept in L1.
-__device__ __forceinline__ uint4 LoadWeights(const void* p, bool pred) {
-  uint4 v;
-  asm("{\n"
-      "  .reg .pred p;\n"
-      "  setp.ne.b32 p, %5, 0;\n"
-      "  mov.b32 %0, 0;\n"
-      "  mov.b32 %1, 0;\n"
-      "  mov.b32 %2, 0;\n"
-      "  mov.b32 %3, 0;\n"
-      "  @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      "}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
-  return v;
-}
-
-// 16 bytes of x when `pred`, else zeros: read-only for the kernel's life, kept in L1.
-__device__ __forceinline__ uint4 LoadInput(const void* p, bool pred) {
-  uint4 v;
-  asm("{\n"
-      "  .reg .pred p;\n"
-      "  setp.ne.b32 p, %5, 0;\n"
-      "  mov.b32 %0, 0;\n"
-      "  mov.b32 %1, 0;\n"
-      "  mov.b32 %2, 0;\n"
-      "  mov.b32 %3, 0;\n"
-      "  @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      "}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
+// 16 bytes at p when `pred`, else zeros. W (kStreamed) is read once, so it is not kept in L1
+// and asks L2 for the neighbouring warps' pieces; x stays in L1 for the kernel's life.
+template <bool kStreamed>
+__device__ __forceinline__ uint4 Load16(const void* p, bool pred) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if constexpr (kStreamed)
+    asm("{ .reg .pred p; setp.ne.b32 p, %5, 0; @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4]; }"
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+        : "l"(p), "r"(static_cast<int>(pred)));
+  else
+    asm("{ .reg .pred p; setp.ne.b32 p, %5, 0; @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4]; }"
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+        : "l"(p), "r"(static_cast<int>(pred)));
   return v;
 }
 
@@ -139,9 +109,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int64_t piece = (s0 + int64_t{u} * kWarps) * 4 + q;
       const bool in = piece < pieces;
       const int64_t at = piece * 16;
-      lo[u] = LoadWeights(w_lo + at, in && lo_in);
-      hi[u] = LoadWeights(w_hi + at, in && hi_in);
-      b[u] = LoadInput(x_row + at, in && x_in);
+      lo[u] = Load16<true>(w_lo + at, in && lo_in);
+      hi[u] = Load16<true>(w_hi + at, in && hi_in);
+      b[u] = Load16<false>(x_row + at, in && x_in);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {

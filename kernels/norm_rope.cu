@@ -26,27 +26,10 @@
 #define DEFKV_WITH_CUDA 1
 #endif
 #include "kernels/norm_rope.h"
+#include "kernels/num.cuh"
 
 namespace defkv::kernels {
 namespace {
-
-template <typename T>
-struct Num;
-template <>
-struct Num<float> {
-  static __device__ float ToFloat(float v) { return v; }
-  static __device__ float FromFloat(float v) { return v; }
-};
-template <>
-struct Num<__half> {
-  static __device__ float ToFloat(__half v) { return __half2float(v); }
-  static __device__ __half FromFloat(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  static __device__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
-};
 
 // Rounds a float to T and back: what storing an intermediate ATen tensor of dtype T does.
 template <typename T>
