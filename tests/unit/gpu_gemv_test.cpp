@@ -198,17 +198,9 @@ TEST_F(GpuGemv, ReplaysInCudaGraph) {
 TEST_F(GpuGemv, KeepsModelLogits) {
   const uint64_t seed = FreshSeed();
   for (bool qkv_bias : {false, true}) {
-    model::ModelConfig c;
-    c.model_type = qkv_bias ? "qwen2" : "llama";
-    c.vocab_size = 1000, c.hidden_size = 256, c.intermediate_size = 512, c.num_layers = 2;
-    c.num_heads = 4, c.num_kv_heads = 2, c.head_dim = 64, c.max_position_embeddings = 4096;
-    c.rms_norm_eps = 1e-5;
-    c.qkv_bias = qkv_bias;
-    model::LoadOptions o;
-    o.device = at::kCUDA;
-    o.dtype = at::kBFloat16;
-    auto m = model::Transformer::Random(c, o, seed);
+    auto m = testing::TinyBf16Model(qkv_bias ? "qwen2" : "llama", seed);
     ASSERT_TRUE(m.ok()) << m.status();
+    const model::ModelConfig& c = (*m)->config();
     const at::Tensor ids = at::randint(0, c.vocab_size, {23}, at::kLong);
     const auto logits = [&](bool gemv) {
       const Switches s(true, gemv);

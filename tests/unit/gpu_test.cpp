@@ -473,17 +473,9 @@ TEST_F(Gpu, FusedSiluMulMatchesCpu) {
 TEST_F(Gpu, FusedKernelsKeepModelLogits) {
   const uint64_t seed = FreshSeed();
   for (bool qk_norm : {false, true}) {
-    model::ModelConfig c;
-    c.model_type = qk_norm ? "qwen3" : "llama";
-    c.vocab_size = 1000, c.hidden_size = 256, c.intermediate_size = 512, c.num_layers = 2;
-    c.num_heads = 4, c.num_kv_heads = 2, c.head_dim = 64, c.max_position_embeddings = 4096;
-    c.rms_norm_eps = 1e-5;
-    c.qk_norm = qk_norm;
-    model::LoadOptions o;
-    o.device = at::kCUDA;
-    o.dtype = at::kBFloat16;
-    auto m = model::Transformer::Random(c, o, seed);
+    auto m = testing::TinyBf16Model(qk_norm ? "qwen3" : "llama", seed);
     ASSERT_TRUE(m.ok()) << m.status();
+    const model::ModelConfig& c = (*m)->config();
     const at::Tensor ids = at::randint(0, c.vocab_size, {23}, at::kLong);
     const auto logits = [&](bool fused) {
       model::SetFusedKernels(fused);
