@@ -27,6 +27,7 @@
 #define DEFKV_WITH_CUDA 1
 #endif
 #include "kernels/decode_attention.h"
+#include "kernels/launch.cuh"
 
 namespace defkv::kernels {
 namespace {
@@ -105,10 +106,14 @@ struct Num<__nv_bfloat16> {
   }
 };
 
-// 16 bytes read once: non-coherent path, no L1 allocation (K/V rows are streamed).
+// 16 bytes read once, no L1 allocation (K/V rows are streamed). Coherent, not ld.global.nc: the
+// append kernel just before this one writes the new rows, and under programmatic dependent launch
+// (kernels/launch.cuh) it may still be running when this kernel starts; a non-coherent load
+// promises data constant for the kernel's life and may be moved above the wait. Volatile, so
+// that it stays after WaitForPrecedingGrid in the PTX.
 __device__ __forceinline__ uint4 LoadStream(const void* p) {
   uint4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
       : "l"(p));
   return r;
@@ -143,6 +148,8 @@ struct Args {
 
 template <typename T, int D, int GT, int U>
 __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) SplitKernel(const Args a) {
+  WaitForPrecedingGrid();  // kernels/launch.cuh
+  LetDependentsLaunch();
   const T* __restrict__ q = static_cast<const T*>(a.q);
   const T* __restrict__ k_pool = static_cast<const T*>(a.k_pool);
   const T* __restrict__ v_pool = static_cast<const T*>(a.v_pool);
@@ -312,6 +319,8 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) SplitKernel(const A
 // One block per segment: merges its splits' partial outputs (lse in base 2).
 template <typename T, int D>
 __global__ void CombineKernel(const Args a) {
+  WaitForPrecedingGrid();
+  LetDependentsLaunch();
   const int64_t seg = blockIdx.x;
   const int G = a.G, splits = a.splits;
   const float* lse_seg = a.part_lse + seg * splits * G;
@@ -336,25 +345,25 @@ __global__ void CombineKernel(const Args a) {
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, int D, int GT>
-int Launch(const Args& a, cudaStream_t stream) {
+int LaunchSplit(const Args& a, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   // Registers: q and acc take 2 * GT * V floats; keep the loads in flight (2 * U * 4) within budget.
   constexpr int U = GT * V > 32 ? 2 : 4;
-  SplitKernel<T, D, GT, U><<<static_cast<unsigned>(a.n * a.splits), kThreads, 0, stream>>>(a);
+  Launch(kPdlDecodeAttention, SplitKernel<T, D, GT, U>, static_cast<unsigned>(a.n * a.splits), kThreads, 0, stream, a);
   if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return static_cast<int>(e);
   if (a.splits > 1) {
     const int threads = std::min(512, (a.G * D + 31) / 32 * 32);
-    CombineKernel<T, D><<<static_cast<unsigned>(a.n), threads, 0, stream>>>(a);
+    Launch(kPdlDecodeAttention, CombineKernel<T, D>, static_cast<unsigned>(a.n), threads, 0, stream, a);
   }
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T, int D>
 int LaunchG(const Args& a, cudaStream_t s) {
-  if (a.G == 1) return Launch<T, D, 1>(a, s);
-  if (a.G == 2) return Launch<T, D, 2>(a, s);
-  if (a.G <= 4) return Launch<T, D, 4>(a, s);
-  return Launch<T, D, 8>(a, s);
+  if (a.G == 1) return LaunchSplit<T, D, 1>(a, s);
+  if (a.G == 2) return LaunchSplit<T, D, 2>(a, s);
+  if (a.G <= 4) return LaunchSplit<T, D, 4>(a, s);
+  return LaunchSplit<T, D, 8>(a, s);
 }
 
 template <typename T>

@@ -22,5 +22,13 @@ std::vector<CudaDevice> ListCudaDevices();
 void SynchronizeDevice();
 // Free memory of a CUDA device in bytes (cudaMemGetInfo), -1 without CUDA.
 int64_t FreeDeviceMemory(int device);
+// Whether defkv's kernels of `kind` (kernels/launch.cuh's kPdl* bits; the default: any) launch
+// with programmatic dependent launch: a CUDA build on an sm_90 or newer device, unless the
+// environment says otherwise when first asked. DEFKV_PDL=0: none; unset or 1: all; any other
+// number: a mask of kPdl* bits (diagnosis: which kernels take part).
+bool DependentLaunch(unsigned kind = ~0u);
+// Turns it on (the kinds the environment allows, where the device takes it) or off for the
+// process; for tests and benchmarks that compare both in one run.
+void SetDependentLaunch(bool on);
 
 }  // namespace defkv::kernels

@@ -17,9 +17,11 @@
 //   rows), 8 steps in flight per lane: 16 W loads of 16 bytes (256 bytes per lane, 64 KB per
 //   block; 120 registers with nvcc 13.0, so 2 blocks per SM) and 8 of x, issued together before
 //   any mma. W loads are ld.global.nc with L1::no_allocate (W is read once; x stays in L1) and
-//   L2::256B (the neighbouring warps' pieces). x is read through the read-only L1 path, not
+//   L2::256B (the neighbouring warps' pieces). x is read by coherent loads (see Load16), not
 //   staged in shared memory: each x element is loaded by one lane of a block and shared by the
 //   mma across the 16 rows, so staging would add a barrier and a size limit on K * M for no reuse.
+//   Under programmatic dependent launch the first round of W loads is issued before the wait for
+//   the kernel that writes x.
 // - Grid: ceil(N / 16) blocks (256 for N = 4096, 8016 for the 128256-row lm_head). Rows past N
 //   and pieces past K load zeros (predicated loads, no branch). At the end every warp's 16 x M
 //   fp32 sums go to shared memory and are added in warp order (the order depends on the shape
@@ -41,6 +43,7 @@
 #define DEFKV_WITH_CUDA 1
 #endif
 #include "kernels/gemv.h"
+#include "kernels/launch.cuh"
 #include "kernels/num.cuh"
 
 namespace defkv::kernels {
@@ -52,16 +55,21 @@ constexpr int kRows = 16;   // W rows per block: the M of one mma tile
 constexpr int kUnroll = 8;  // steps in flight per warp (2 W pieces and 1 x piece per lane each)
 
 // 16 bytes at p when `pred`, else zeros. W (kStreamed) is read once, so it is not kept in L1
-// and asks L2 for the neighbouring warps' pieces; x stays in L1 for the kernel's life.
+// and asks L2 for the neighbouring warps' pieces. x is written by the kernel just before this one,
+// which under programmatic dependent launch (kernels/launch.cuh) may still be running when this
+// kernel starts: x must not go through the non-coherent read-only path (ld.global.nc promises
+// data that is constant for the kernel's whole life, so ptxas may move such a load above
+// WaitForPrecedingGrid), so it is a coherent load, after the wait. Both are volatile so that
+// they stay on their side of the wait in the PTX: the first W loads before it, every x load after.
 template <bool kStreamed>
 __device__ __forceinline__ uint4 Load16(const void* p, bool pred) {
   uint4 v = make_uint4(0, 0, 0, 0);
   if constexpr (kStreamed)
-    asm("{ .reg .pred p; setp.ne.b32 p, %5, 0; @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4]; }"
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %5, 0; @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4]; }"
         : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
         : "l"(p), "r"(static_cast<int>(pred)));
   else
-    asm("{ .reg .pred p; setp.ne.b32 p, %5, 0; @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4]; }"
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %5, 0; @p ld.global.v4.u32 {%0, %1, %2, %3}, [%4]; }"
         : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
         : "l"(p), "r"(static_cast<int>(pred)));
   return v;
@@ -86,32 +94,48 @@ __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
 }
 
 // Block b: y[:, 16 b .. 16 b + 15] of x [m, k], w [n, k], bias [n] (or null), y [m, n].
-template <typename T>
+// kSiluGate: w is [2 n, k], gate rows then up rows, and block b takes gate rows 8 b .. 8 b + 7 as
+// its tile rows 0-7 and the matching up rows n + 8 b .. as rows 8-15; y [m, n] = the SiLU gate of
+// the two, as SiluMulKernel (kernels/norm_rope.cu) computes it from the rounded gate and up.
+template <typename T, bool kSiluGate>
 __global__ void __launch_bounds__(kThreads, 2)
     GemvKernel(const T* __restrict__ x, int m, int64_t k, const T* __restrict__ w, int64_t n,
                const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float part[kWarps][kGemvMaxRows][kRows];  // per warp, its sums [x row][W row]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, q = lane % 4;
-  const int64_t row0 = int64_t{blockIdx.x} * kRows;
-  const bool lo_in = row0 + g < n, hi_in = row0 + g + 8 < n, x_in = g < m;
+  // The W rows of tile rows g (lo) and g + 8 (hi).
+  const int64_t row0 = int64_t{blockIdx.x} * (kSiluGate ? kRows / 2 : kRows);
+  const int64_t lo_row = row0 + g, hi_row = kSiluGate ? n + row0 + g : row0 + g + 8;
+  const bool lo_in = row0 + g < n, hi_in = kSiluGate ? lo_in : row0 + g + 8 < n, x_in = g < m;
   // Byte addresses of the lane's two W rows and its x row (row 0 for lanes that load nothing).
-  const char* w_lo = reinterpret_cast<const char*>(w) + (lo_in ? row0 + g : 0) * k * sizeof(T);
-  const char* w_hi = reinterpret_cast<const char*>(w) + (hi_in ? row0 + g + 8 : 0) * k * sizeof(T);
+  const char* w_lo = reinterpret_cast<const char*>(w) + (lo_in ? lo_row : 0) * k * sizeof(T);
+  const char* w_hi = reinterpret_cast<const char*>(w) + (hi_in ? hi_row : 0) * k * sizeof(T);
   const char* x_row = reinterpret_cast<const char*>(x) + (x_in ? g : 0) * k * sizeof(T);
   const int64_t pieces = k / 8, steps = (pieces + 3) / 4;  // 16-byte pieces of a row; 4 per step
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  bool waited = false;
   for (int64_t s0 = warp; s0 < steps; s0 += kWarps * kUnroll) {
     uint4 lo[kUnroll], hi[kUnroll], b[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t piece = (s0 + int64_t{u} * kWarps) * 4 + q;
-      const bool in = piece < pieces;
-      const int64_t at = piece * 16;
+      const int64_t at = ((s0 + int64_t{u} * kWarps) * 4 + q) * 16;
+      const bool in = at < pieces * 16;
       lo[u] = Load16<true>(w_lo + at, in && lo_in);
       hi[u] = Load16<true>(w_hi + at, in && hi_in);
-      b[u] = Load16<false>(x_row + at, in && x_in);
+    }
+    // Under programmatic dependent launch (kernels/launch.cuh) the first round of W loads is in
+    // flight while the kernel that writes x finishes.
+    if (!waited) {
+      WaitForPrecedingGrid();
+      LetDependentsLaunch();
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t at = ((s0 + int64_t{u} * kWarps) * 4 + q) * 16;
+      b[u] = Load16<false>(x_row + at, at < pieces * 16 && x_in);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -120,6 +144,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  if (!waited) {  // a warp with no step of K (K < 32 * warp): it still writes shared memory and y
+    WaitForPrecedingGrid();
+    LetDependentsLaunch();
+  }
   // acc[j]: W row g, x row 2q + j; acc[2 + j]: W row g + 8, x row 2q + j.
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -130,8 +158,33 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   __syncthreads();
-  // m * kRows <= 128 outputs, one thread each; consecutive threads write consecutive n.
   const int t = threadIdx.x;
+  if constexpr (kSiluGate) {
+    // m * 8 outputs, one thread each: gate and up are summed and rounded as y would be, then
+    // SiLU(gate) * up as SiluMulKernel: x / (1 + expf(-x)) rounded, times up, rounded.
+    constexpr int kOut = kRows / 2;
+    if (t < m * kOut) {
+      const int c = t / kOut, r = t % kOut;
+      const int64_t j = row0 + r;
+      if (j < n) {
+        float gs = part[0][c][r], us = part[0][c][r + kOut];
+#pragma unroll
+        for (int v = 1; v < kWarps; ++v) {
+          gs += part[v][c][r];
+          us += part[v][c][r + kOut];
+        }
+        if (bias != nullptr) {
+          gs += Num<T>::ToFloat(bias[j]);
+          us += Num<T>::ToFloat(bias[n + j]);
+        }
+        const float gate = Num<T>::ToFloat(Num<T>::FromFloat(gs)), up = Num<T>::ToFloat(Num<T>::FromFloat(us));
+        const float silu = Num<T>::ToFloat(Num<T>::FromFloat(__fdiv_rn(gate, __fadd_rn(1.f, expf(-gate)))));
+        y[c * n + j] = Num<T>::FromFloat(__fmul_rn(silu, up));
+      }
+    }
+    return;
+  }
+  // m * kRows <= 128 outputs, one thread each; consecutive threads write consecutive n.
   if (t < m * kRows) {
     const int c = t / kRows, r = t % kRows;
     const int64_t row = row0 + r;
@@ -147,13 +200,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T>
-int Launch(const void* x, int64_t m, int64_t k, const void* w, int64_t n, const void* bias, void* y,
-           cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows));
-  GemvKernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<int>(m), k,
-                                               static_cast<const T*>(w), n, static_cast<const T*>(bias),
-                                               static_cast<T*>(y));
+template <typename T, bool kSiluGate>
+int LaunchGemv(const void* x, int64_t m, int64_t k, const void* w, int64_t n, const void* bias, void* y,
+               cudaStream_t stream) {
+  const int64_t rows = kSiluGate ? kRows / 2 : kRows;
+  const dim3 grid(static_cast<unsigned>((n + rows - 1) / rows));
+  Launch(kPdlGemv, GemvKernel<T, kSiluGate>, grid, kThreads, 0, stream, static_cast<const T*>(x), static_cast<int>(m), k,
+         static_cast<const T*>(w), n, static_cast<const T*>(bias), static_cast<T*>(y));
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -163,18 +216,32 @@ bool GemvSupported(DType dtype, int64_t m, int64_t k) {
   return dtype != DType::kFloat32 && m >= 1 && m <= kGemvMaxRows && k >= 0 && k % 8 == 0;
 }
 
-int Gemv(DType dtype, const void* x, int64_t m, int64_t k, const void* w, int64_t n, const void* bias, void* y,
-         void* stream) {
-  if (!GemvSupported(dtype, m, k) || n < 0 || (n + kRows - 1) / kRows > INT32_MAX || !Aligned16(x) || !Aligned16(w))
+namespace {
+template <bool kSiluGate>
+int Dispatch(DType dtype, const void* x, int64_t m, int64_t k, const void* w, int64_t n, const void* bias, void* y,
+             void* stream) {
+  const int64_t rows = kSiluGate ? kRows / 2 : kRows;
+  if (!GemvSupported(dtype, m, k) || n < 0 || (n + rows - 1) / rows > INT32_MAX || !Aligned16(x) || !Aligned16(w))
     return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kFloat16: return Launch<__half>(x, m, k, w, n, bias, y, s);
-    case DType::kBFloat16: return Launch<__nv_bfloat16>(x, m, k, w, n, bias, y, s);
+    case DType::kFloat16: return LaunchGemv<__half, kSiluGate>(x, m, k, w, n, bias, y, s);
+    case DType::kBFloat16: return LaunchGemv<__nv_bfloat16, kSiluGate>(x, m, k, w, n, bias, y, s);
     case DType::kFloat32: break;
   }
   return static_cast<int>(cudaErrorInvalidValue);
+}
+}  // namespace
+
+int Gemv(DType dtype, const void* x, int64_t m, int64_t k, const void* w, int64_t n, const void* bias, void* y,
+         void* stream) {
+  return Dispatch<false>(dtype, x, m, k, w, n, bias, y, stream);
+}
+
+int GemvSiluGate(DType dtype, const void* x, int64_t m, int64_t k, const void* w, int64_t inter, const void* bias,
+                 void* y, void* stream) {
+  return Dispatch<true>(dtype, x, m, k, w, inter, bias, y, stream);
 }
 
 }  // namespace defkv::kernels

@@ -34,6 +34,15 @@ bool GemvSupported(DType dtype, int64_t m, int64_t k);
 int Gemv(DType dtype, const void* x, int64_t m, int64_t k, const void* w, int64_t n, const void* bias, void* y,
          void* stream);
 
+// The MLP's gate/up projection and its SiLU gate in one kernel: w is [2 * inter, K] (the gate
+// rows, then the up rows, as Transformer's fused w_gate_up), bias [2 * inter] or null, and
+//   y[m, j] = T(T(silu(g)) * u),  g = T(gate row j's sum), u = T(up row j's sum), j < inter,
+// with silu(g) = g / (1 + expf(-g)): the same bits as Gemv into [M, 2 * inter] followed by the
+// SiLU gate kernel (norm_rope.h's SiluMul), without writing or reading the [M, 2 * inter] product.
+// Each block reads 8 gate rows and the matching 8 up rows. Same conditions and codes as Gemv.
+int GemvSiluGate(DType dtype, const void* x, int64_t m, int64_t k, const void* w, int64_t inter, const void* bias,
+                 void* y, void* stream);
+
 #endif  // DEFKV_WITH_CUDA
 
 }  // namespace defkv::kernels

@@ -9,6 +9,7 @@
 #define DEFKV_WITH_CUDA 1
 #endif
 #include "kernels/kv_append.h"
+#include "kernels/launch.cuh"
 
 namespace defkv::kernels {
 namespace {
@@ -23,6 +24,8 @@ struct Side {
 
 __global__ void AppendKernel(const Side k, const Side v, int64_t heads, int64_t pieces_per_row, int64_t row_bytes,
                              int64_t total, const int64_t* __restrict__ rows) {
+  WaitForPrecedingGrid();  // kernels/launch.cuh
+  LetDependentsLaunch();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= total) return;
   const Side& s = blockIdx.y == 0 ? k : v;
@@ -52,8 +55,8 @@ int AppendRows(DType dtype, const void* k, int64_t k_token_stride, int64_t k_hea
   const Side ks{static_cast<const char*>(k), k_token_stride * elem, k_head_stride * elem, static_cast<char*>(k_pool)};
   const Side vs{static_cast<const char*>(v), v_token_stride * elem, v_head_stride * elem, static_cast<char*>(v_pool)};
   const dim3 grid(static_cast<unsigned>((total + kThreads - 1) / kThreads), 2);
-  AppendKernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(ks, vs, heads, pieces, row_bytes, total,
-                                                                           rows);
+  Launch(kPdlAppend, AppendKernel, grid, kThreads, 0, static_cast<cudaStream_t>(stream), ks, vs, heads, pieces, row_bytes, total,
+         rows);
   return static_cast<int>(cudaGetLastError());
 }
 

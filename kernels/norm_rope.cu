@@ -14,6 +14,10 @@
 // before either is written, so the rotation is in place with no scratch.
 // SiluMul: one thread per V outputs, 16-byte loads when inter, gu and out allow them (the
 // result is the same either way: each element is computed alone).
+// Every kernel here may be launched with programmatic dependent launch (kernels/launch.cuh): what
+// the kernel before it wrote (RmsNorm's x, AddRmsNorm's delta, SiluMul's gu) is read after the
+// wait by LoadCoherent; RoPE's x and AddRmsNorm's x are written by the kernel itself, so they
+// never take the read-only path.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -25,6 +29,7 @@
 #ifndef DEFKV_WITH_CUDA
 #define DEFKV_WITH_CUDA 1
 #endif
+#include "kernels/launch.cuh"
 #include "kernels/norm_rope.h"
 #include "kernels/num.cuh"
 
@@ -90,16 +95,18 @@ __global__ void RmsNormKernel(const T* __restrict__ x, int64_t inner, int64_t n,
                               int64_t stride_inner, const T* __restrict__ w, float eps, float inv_n,
                               T* __restrict__ y) {
   using P = Pack<T, V>;
+  WaitForPrecedingGrid();  // kernels/launch.cuh
+  LetDependentsLaunch();
   const int64_t row = blockIdx.x;
   const P* xr = reinterpret_cast<const P*>(x + (row / inner) * stride_outer + (row % inner) * stride_inner);
   const P* wp = reinterpret_cast<const P*>(w);
   P* yr = reinterpret_cast<P*>(y + row * n);
   const int64_t packs = n / V;
   float sum = 0.f;
-  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) sum = AddSquares(sum, xr[i]);
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) sum = AddSquares(sum, LoadCoherent(xr + i));
   const float r = InvRms(BlockSum(sum), inv_n, eps);
-  // Second pass over the row: it was just read, so this hits L1/L2.
-  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) yr[i] = Normalize(xr[i], wp[i], r);
+  // Second pass over the row: it was just read, so this hits L2.
+  for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) yr[i] = Normalize(LoadCoherent(xr + i), wp[i], r);
 }
 
 // Row r of x [rows, n] += the same row of delta, then y row r = RmsNorm of it; one block per
@@ -109,6 +116,8 @@ template <typename T, int V>
 __global__ void AddRmsNormKernel(T* __restrict__ x, const T* __restrict__ delta, int64_t n, const T* __restrict__ w,
                                  float eps, float inv_n, T* __restrict__ y) {
   using P = Pack<T, V>;
+  WaitForPrecedingGrid();  // kernels/launch.cuh
+  LetDependentsLaunch();
   const int64_t row = blockIdx.x;
   P* xr = reinterpret_cast<P*>(x + row * n);
   const P* dr = reinterpret_cast<const P*>(delta + row * n);
@@ -117,7 +126,7 @@ __global__ void AddRmsNormKernel(T* __restrict__ x, const T* __restrict__ delta,
   const int64_t packs = n / V;
   float sum = 0.f;
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-    const P a = xr[i], b = dr[i];
+    const P a = xr[i], b = LoadCoherent(dr + i);
     P s;
 #pragma unroll
     for (int j = 0; j < V; ++j) s.v[j] = Num<T>::FromFloat(__fadd_rn(Num<T>::ToFloat(a.v[j]), Num<T>::ToFloat(b.v[j])));
@@ -133,6 +142,8 @@ template <typename T, int V>
 __global__ void RopeKernel(T* __restrict__ x, int64_t heads, int64_t half, int64_t stride_t, int64_t stride_h,
                            const T* __restrict__ cos, const T* __restrict__ sin, int64_t total) {
   using P = Pack<T, V>;
+  WaitForPrecedingGrid();  // kernels/launch.cuh
+  LetDependentsLaunch();
   const int64_t packs = half / V;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t j = (i % packs) * V, head_row = i / packs;
@@ -166,10 +177,12 @@ __global__ void RopeKernel(T* __restrict__ x, int64_t heads, int64_t half, int64
 template <typename T, int V>
 __global__ void SiluMulKernel(const T* __restrict__ gu, int64_t inter, T* __restrict__ out, int64_t total) {
   using P = Pack<T, V>;
+  WaitForPrecedingGrid();  // kernels/launch.cuh
+  LetDependentsLaunch();
   const int64_t packs = inter / V;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const T* g = gu + (i / packs) * 2 * inter + (i % packs) * V;
-    const P gp = *reinterpret_cast<const P*>(g), up = *reinterpret_cast<const P*>(g + inter);
+    const P gp = LoadCoherent(reinterpret_cast<const P*>(g)), up = LoadCoherent(reinterpret_cast<const P*>(g + inter));
     P o;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -208,9 +221,9 @@ int LaunchRmsNorm(const void* x, int64_t outer, int64_t inner, int64_t n, int64_
   const auto* wt = static_cast<const T*>(w);
   auto* yt = static_cast<T*>(y);
   if (vec)
-    RmsNormKernel<T, kVec><<<grid, threads, 0, stream>>>(xt, inner, n, stride_outer, stride_inner, wt, eps, inv_n, yt);
+    Launch(kPdlRmsNorm, RmsNormKernel<T, kVec>, grid, threads, 0, stream, xt, inner, n, stride_outer, stride_inner, wt, eps, inv_n, yt);
   else
-    RmsNormKernel<T, 1><<<grid, threads, 0, stream>>>(xt, inner, n, stride_outer, stride_inner, wt, eps, inv_n, yt);
+    Launch(kPdlRmsNorm, RmsNormKernel<T, 1>, grid, threads, 0, stream, xt, inner, n, stride_outer, stride_inner, wt, eps, inv_n, yt);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -229,9 +242,9 @@ int LaunchAddRmsNorm(void* x, const void* delta, int64_t rows, int64_t n, const 
   const auto* wt = static_cast<const T*>(w);
   auto* yt = static_cast<T*>(y);
   if (vec)
-    AddRmsNormKernel<T, kVec><<<grid, threads, 0, stream>>>(xt, dt, n, wt, eps, inv_n, yt);
+    Launch(kPdlAddRmsNorm, AddRmsNormKernel<T, kVec>, grid, threads, 0, stream, xt, dt, n, wt, eps, inv_n, yt);
   else
-    AddRmsNormKernel<T, 1><<<grid, threads, 0, stream>>>(xt, dt, n, wt, eps, inv_n, yt);
+    Launch(kPdlAddRmsNorm, AddRmsNormKernel<T, 1>, grid, threads, 0, stream, xt, dt, n, wt, eps, inv_n, yt);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -249,9 +262,9 @@ int LaunchRope(void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t
   const auto* ct = static_cast<const T*>(cos);
   const auto* st = static_cast<const T*>(sin);
   if (vec)
-    RopeKernel<T, kVec><<<grid, kThreads, 0, stream>>>(xt, heads, half, stride_t, stride_h, ct, st, total);
+    Launch(kPdlRope, RopeKernel<T, kVec>, grid, kThreads, 0, stream, xt, heads, half, stride_t, stride_h, ct, st, total);
   else
-    RopeKernel<T, 1><<<grid, kThreads, 0, stream>>>(xt, heads, half, stride_t, stride_h, ct, st, total);
+    Launch(kPdlRope, RopeKernel<T, 1>, grid, kThreads, 0, stream, xt, heads, half, stride_t, stride_h, ct, st, total);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -267,9 +280,9 @@ int LaunchSiluMul(const void* gu, int64_t rows, int64_t inter, void* out, cudaSt
   const auto* gt = static_cast<const T*>(gu);
   auto* ot = static_cast<T*>(out);
   if (vec)
-    SiluMulKernel<T, kVec><<<grid, kThreads, 0, stream>>>(gt, inter, ot, total);
+    Launch(kPdlSiluMul, SiluMulKernel<T, kVec>, grid, kThreads, 0, stream, gt, inter, ot, total);
   else
-    SiluMulKernel<T, 1><<<grid, kThreads, 0, stream>>>(gt, inter, ot, total);
+    Launch(kPdlSiluMul, SiluMulKernel<T, 1>, grid, kThreads, 0, stream, gt, inter, ot, total);
   return static_cast<int>(cudaGetLastError());
 }
 

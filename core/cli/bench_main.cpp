@@ -650,8 +650,9 @@ int main(int argc, char** argv) {
   const bool graphs = a["--graphs"] == "on" && dev.is_cuda() && dtype != at::kFloat;
   const double bw = dev.is_cuda() ? CopyBandwidth(dev) : 0;
   if (!json) {
-    std::printf("device %s, copy bandwidth %.0f GB/s (read + write), decode graphs %s\n", dev.str().c_str(), bw / 1e9,
-                graphs ? "on" : "off");
+    std::printf("device %s, copy bandwidth %.0f GB/s (read + write), decode graphs %s, dependent launch %s\n",
+                dev.str().c_str(), bw / 1e9, graphs ? "on" : "off",
+                dev.is_cuda() && defkv::model::DependentLaunchEnabled() ? "on" : "off");
   }
   if (!json && !compress_profile && !gemv_sweep && a["--attn-sweep"].empty()) {
     std::printf("%-12s %7s %-18s %5s %10s %10s %6s %9s %10s %9s %9s %8s\n", "shape", "context", "press", "ratio",

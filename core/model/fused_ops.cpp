@@ -8,6 +8,8 @@
 #include <optional>
 #include <vector>
 
+#include "kernels/device_info.h"
+
 #ifdef DEFKV_WITH_CUDA
 #include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -89,6 +91,10 @@ void SetDecodeKernel(bool on) { DecodeSwitch().store(on); }
 bool DecodeKernelEnabled() { return DecodeSwitch().load(); }
 void SetGemvKernel(bool on) { GemvSwitch().store(on); }
 bool GemvKernelEnabled() { return GemvSwitch().load(); }
+// kernels/ is linked into this library and again into the programs that use core's internals:
+// the switch the kernels launched from here follow is this library's copy.
+void SetDependentLaunch(bool on) { kernels::SetDependentLaunch(on); }
+bool DependentLaunchEnabled() { return kernels::DependentLaunch(); }
 void SetDecodeAttentionTuning(int64_t min_chunk, int64_t blocks_per_sm) {
   g_min_chunk.store(min_chunk);
   g_blocks_per_sm.store(blocks_per_sm);
@@ -102,6 +108,7 @@ bool FusedSiluMulOut(const at::Tensor&, at::Tensor&) { return false; }
 at::Tensor FusedSiluMul(const at::Tensor&) { return {}; }
 bool FusedRopeInPlace(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
 at::Tensor FusedLinear(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
+at::Tensor FusedLinearSiluGate(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
 at::Tensor FusedDecodeAttention(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, int64_t, double) {
   return {};
@@ -199,23 +206,38 @@ bool FusedRopeInPlace(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return true;
 }
 
-at::Tensor FusedLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+namespace {
+// FusedLinear and FusedLinearSiluGate: the checks, the output ([..., out_cols]) and the launch.
+template <typename Kernel>
+at::Tensor GemvCall(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool silu_gate, Kernel kernel,
+                    const char* what) {
   if (!Covered(x) || !GemvKernelEnabled() || x.dim() == 0 || !x.is_contiguous()) return {};
   const auto dtype = *KernelDType(x.scalar_type());
   const int64_t k = x.size(-1), rows = k == 0 ? 0 : x.numel() / k;
   if (!kernels::GemvSupported(dtype, rows, k) || !w.defined() || w.dim() != 2) return {};
   const int64_t n = w.size(0);
   if (!Matches(w, x, {n, k}) || (b.defined() && !Matches(b, x, {n}))) return {};
+  if (silu_gate && n % 2 != 0) return {};
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   if (!aligned(x) || !aligned(w)) return {};
+  const int64_t out_cols = silu_gate ? n / 2 : n;
   std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = n;
+  sizes.back() = out_cols;
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
-  CheckLaunch(kernels::Gemv(dtype, x.data_ptr(), rows, k, w.data_ptr(), n, b.defined() ? b.data_ptr() : nullptr,
-                            y.data_ptr(), CurrentStream(x)),
-              "FusedLinear");
+  CheckLaunch(kernel(dtype, x.data_ptr(), rows, k, w.data_ptr(), out_cols, b.defined() ? b.data_ptr() : nullptr,
+                     y.data_ptr(), CurrentStream(x)),
+              what);
   return y;
+}
+}  // namespace
+
+at::Tensor FusedLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return GemvCall(x, w, b, /*silu_gate=*/false, kernels::Gemv, "FusedLinear");
+}
+
+at::Tensor FusedLinearSiluGate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return GemvCall(x, w, b, /*silu_gate=*/true, kernels::GemvSiluGate, "FusedLinearSiluGate");
 }
 
 at::Tensor FusedDecodeAttention(const at::Tensor& q, int64_t heads, const at::Tensor& k_pool,

@@ -60,6 +60,17 @@ bool GemvKernelEnabled();
 // alignment the kernel does not take.
 at::Tensor FusedLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
+// FusedSiluMul(FusedLinear(x, w, b)) in one kernel (kernels/gemv.h GemvSiluGate): w is the fused
+// gate/up weight [2 * inter, K], b [2 * inter] or undefined; returns [..., inter], the same bits
+// as the two calls, or undefined when either would decline (the GEMV and fused switches both on).
+at::Tensor FusedLinearSiluGate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+
+// Programmatic dependent launch of the kernels above (kernels/launch.cuh): on where the device
+// takes it (sm_90 and newer) unless DEFKV_PDL=0 is set when first asked (kernels/device_info.h).
+// Tests and benchmarks set it.
+void SetDependentLaunch(bool on);
+bool DependentLaunchEnabled();
+
 // The split-KV decode attention of kernels/decode_attention.h, used by
 // HeadwiseCache::AttendPlanned in place of the varlen flash call: on an H200 it streams K/V at
 // 3.3-3.7 TB/s from 256 segments up where flash falls to 2.0-2.3, and matches flash (within

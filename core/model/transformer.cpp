@@ -32,9 +32,10 @@ std::string ShapeStr(const std::vector<int64_t>& s) { return absl::StrCat("[", a
 // 0.96x) and 0.97-0.98x for the lm_head, which cuBLAS keeps (docs/PERFORMANCE.md). The whole
 // batch-1 step gains 1-2%; batched steps of 2, 4 and 8 rows were as fast or 0.5% slower with
 // the kernel, so they stay with cuBLAS.
+constexpr int64_t kGemvMaxWeightBytes = int64_t{512} << 20;
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
   const int64_t k = x.dim() > 0 ? x.size(-1) : 0, rows = k > 0 ? x.numel() / k : 0;
-  if (rows == 1 && static_cast<int64_t>(w.nbytes()) <= (int64_t{512} << 20))
+  if (rows == 1 && static_cast<int64_t>(w.nbytes()) <= kGemvMaxWeightBytes)
     if (at::Tensor y = FusedLinear(x, w, b); y.defined()) return y;
   return at::linear(x, w, b);
 }
@@ -323,11 +324,18 @@ at::Tensor Transformer::RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos,
   if (hook != nullptr) hook->AfterAttention(l, x_norm);
   const at::Tensor h = AddRmsNorm(x, Linear(attn.reshape({t, hq * d}), L.w_o, L.b_o), L.post_norm);
 
-  const at::Tensor gu = Linear(h, L.w_gate_up, L.b_gate_up);  // [T, 2 * inter]: gate | up
-  at::Tensor act = FusedSiluMul(gu);
+  // A batch-1 decode step: the gate/up GEMV and the SiLU gate are one kernel (the same bits as
+  // the two; Linear's rule for when the GEMV kernel runs).
+  at::Tensor act;
+  if (t == 1 && static_cast<int64_t>(L.w_gate_up.nbytes()) <= kGemvMaxWeightBytes)
+    act = FusedLinearSiluGate(h, L.w_gate_up, L.b_gate_up);
   if (!act.defined()) {
-    auto g = gu.chunk(2, -1);
-    act = at::silu(g[0]) * g[1];
+    const at::Tensor gu = Linear(h, L.w_gate_up, L.b_gate_up);  // [T, 2 * inter]: gate | up
+    act = FusedSiluMul(gu);
+    if (!act.defined()) {
+      auto g = gu.chunk(2, -1);
+      act = at::silu(g[0]) * g[1];
+    }
   }
   at::Tensor down = Linear(act, L.w_down, L.b_down);
   if (pending == nullptr) return x + down;

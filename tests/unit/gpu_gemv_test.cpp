@@ -107,6 +107,60 @@ TEST_F(GpuGemv, MatchesCpuAndCublas) {
   }
 }
 
+// The gate/up GEMV with its SiLU gate in one kernel (GemvSiluGate, FusedLinearSiluGate) gives the
+// bits of the GEMV followed by the SiLU gate kernel, and is within bf16/fp16 rounding of
+// silu(x Wg^T + bg) * (x Wu^T + bu) in fp32 on the CPU. Shapes: Llama-3.1-8B's (K 4096, inter
+// 14336), inter not a multiple of the 8-row block (37, 5), K with a partial step (200) and K 8.
+// The raw entry point writes into a NaN-poisoned output.
+TEST_F(GpuGemv, SiluGateEqualsGemvThenSiluMul) {
+  const uint64_t seed = FreshSeed();
+  const Switches on(true, true);
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{4096, 14336}, {200, 37}, {8, 5}};
+  for (auto dtype : {at::kBFloat16, at::kHalf}) {
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    double worst = 0;
+    for (const auto& [k, inter] : shapes) {
+      const at::Tensor w = at::randn({2 * inter, k}, opts) * 0.05;
+      const at::Tensor w_cpu = w.to(at::kCPU, at::kFloat);
+      for (int64_t m : {1, 3, 8}) {
+        for (bool with_bias : {false, true}) {
+          const std::string what = std::string(c10::toString(dtype)) + " K " + std::to_string(k) + " inter " +
+                                   std::to_string(inter) + " M " + std::to_string(m) + (with_bias ? " bias" : "") +
+                                   " seed " + std::to_string(seed);
+          const at::Tensor x = at::randn({m, k}, opts);
+          const at::Tensor b = with_bias ? at::randn({2 * inter}, opts) * 0.5 : at::Tensor();
+          const at::Tensor fused = model::FusedLinearSiluGate(x, w, b);
+          ASSERT_TRUE(fused.defined()) << what << ": FusedLinearSiluGate declined";
+          EXPECT_EQ(fused.sizes(), (std::vector<int64_t>{m, inter})) << what;
+          const at::Tensor gu = model::FusedLinear(x, w, b);
+          ASSERT_TRUE(gu.defined()) << what;
+          const at::Tensor two = model::FusedSiluMul(gu);
+          ASSERT_TRUE(two.defined()) << what;
+          EXPECT_TRUE(at::equal(fused, two)) << what << ": not the bits of the GEMV and the SiLU gate kernel";
+
+          at::Tensor raw = at::full({m, inter}, NAN, opts);
+          const int code = kernels::GemvSiluGate(KernelDType(dtype), x.data_ptr(), m, k, w.data_ptr(), inter,
+                                                 with_bias ? b.data_ptr() : nullptr, raw.data_ptr(),
+                                                 c10::cuda::getCurrentCUDAStream().stream());
+          ASSERT_EQ(code, 0) << what << ": " << kernels::CudaErrorString(code);
+          EXPECT_TRUE(at::equal(raw, fused)) << what << ": unwritten outputs or wrapper and entry point differ";
+
+          const at::Tensor ref_gu = Reference(x, w_cpu, b);
+          const at::Tensor ref = at::silu(ref_gu.narrow(1, 0, inter)) * ref_gu.narrow(1, inter, inter);
+          const double err = RelErr(fused, ref);
+          EXPECT_LT(err, 1e-2) << what;
+          worst = std::max(worst, err);
+        }
+      }
+    }
+    std::printf("[gpu] gemv + SiLU gate %-9s worst rel err %.2e vs CPU fp32 (seed %llu)\n", c10::toString(dtype),
+                worst, static_cast<unsigned long long>(seed));
+  }
+  // An odd number of rows has no gate/up halves: declined.
+  const auto opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  EXPECT_FALSE(model::FusedLinearSiluGate(at::randn({1, 64}, opts), at::randn({7, 64}, opts), {}).defined());
+}
+
 // x of other ranks, as at::linear takes them: [K] -> [N] and [1, 2, K] -> [1, 2, N], the same
 // bits as the [M, K] call.
 TEST_F(GpuGemv, TakesAnyRankOfRows) {
@@ -193,8 +247,8 @@ TEST_F(GpuGemv, ReplaysInCudaGraph) {
 }
 
 // A random bf16 model with the kernel on and off (at::linear), the other fused kernels on: the
-// prefill (23 rows, cuBLAS either way) and three decode steps (one row: the kernel) give the
-// same logits within bf16 rounding. With and without the qkv bias (Qwen2's).
+// prefill (23 rows, cuBLAS either way) and three decode steps (one row: the kernel, the gate/up
+// one with its SiLU gate) give the same logits within bf16 rounding. With and without the qkv bias (Qwen2's).
 TEST_F(GpuGemv, KeepsModelLogits) {
   const uint64_t seed = FreshSeed();
   for (bool qkv_bias : {false, true}) {
@@ -217,6 +271,7 @@ TEST_F(GpuGemv, KeepsModelLogits) {
       const at::Tensor x = at::randn({1, c.hidden_size}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16));
       EXPECT_EQ(model::FusedLinear(x, layer.w_qkv, layer.b_qkv).defined(), true) << "qkv_bias " << qkv_bias;
       EXPECT_TRUE(model::FusedLinear(x, layer.w_gate_up, layer.b_gate_up).defined());
+      EXPECT_TRUE(model::FusedLinearSiluGate(x, layer.w_gate_up, layer.b_gate_up).defined());
     }
     const at::Tensor with = logits(true), without = logits(false);
     ASSERT_EQ(with.sizes(), (std::vector<int64_t>{23, c.vocab_size}));

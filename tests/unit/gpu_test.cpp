@@ -279,6 +279,50 @@ TEST_F(Gpu, DecodeGraphsEqualEagerSteps) {
   }
 }
 
+// Programmatic dependent launch (kernels/launch.cuh) changes when kernels start, never what they
+// compute: decode steps of a tiny random bf16 model over a pool, replayed as CUDA graphs (a
+// step's kernels back to back: the longest chains of dependent launches; one row, so the GEMV
+// and gate/up + SiLU kernels run, and head_dim 64, so the split-KV kernel does), give the same
+// logits bit for bit with it on as with it off, in every one of several runs.
+TEST_F(Gpu, DependentLaunchKeepsDecodeBits) {
+  const uint64_t seed = FreshSeed();
+  const int64_t context = 300, steps = 48;
+  const bool was_on = model::DependentLaunchEnabled();
+  // Each run: the same random model and prompt, built afresh (so its decode graphs are captured
+  // in that run, with or without dependent launches), a prefill, then `steps` graph replays.
+  const auto run = [&](bool pdl) {
+    model::SetDependentLaunch(pdl);
+    auto m = testing::TinyBf16Model("llama", seed);
+    EXPECT_TRUE(m.ok()) << m.status();
+    const model::ModelConfig& c = (*m)->config();
+    EXPECT_TRUE((*m)->EnableDecodeGraphs(4));
+    at::manual_seed(seed);
+    const at::Tensor prompt = at::randint(0, c.vocab_size, {context}, at::kLong);
+    cache::KvPool pool(c.num_layers * c.num_kv_heads * (context + steps + 1), c.head_dim, at::kBFloat16, at::kCUDA);
+    auto cache = (*m)->NewCache(&pool);
+    cache->Reserve(context + steps + 1);
+    at::Tensor logits = (*m)->Forward(prompt, at::arange(context, at::kLong), *cache);
+    int64_t token = logits[0].argmax().item<int64_t>();
+    std::vector<at::Tensor> out;
+    const std::vector<cache::KvCache*> caches = {cache.get()};
+    for (int64_t p = context; p < context + steps; ++p) {
+      out.push_back((*m)->ForwardBatch(at::full({1}, token, at::kLong), at::full({1}, p, at::kLong), caches));
+      token = out.back()[0].argmax().item<int64_t>();
+    }
+    EXPECT_GE((*m)->decode_graphs(), 1);
+    return at::cat(out, 0);
+  };
+  const at::Tensor plain = run(false);
+  // Where a run first differs from `plain`: the decode step (row of the logits), or -1.
+  const auto first_diff = [&](const at::Tensor& a) {
+    const at::Tensor rows = (a != plain).any(1).nonzero();
+    return rows.numel() == 0 ? int64_t{-1} : rows[0][0].item<int64_t>();
+  };
+  EXPECT_EQ(first_diff(run(false)), -1) << "two runs without dependent launch differ; seed " << seed;
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(first_diff(run(true)), -1) << "run " << i << " seed " << seed;
+  model::SetDependentLaunch(was_on);
+}
+
 // The fused RMSNorm against Transformer::RmsNorm's expression on the CPU in fp32, over
 // contiguous rows and over [T, H, D] heads inside a wider row (the q/k norms read qkv columns),
 // aligned (16-byte loads) and not. Also printed: how many elements differ from the same
