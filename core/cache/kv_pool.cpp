@@ -1,11 +1,18 @@
 #include "core/cache/kv_pool.h"
 
+#include <atomic>
+
 #include <c10/util/Exception.h>
 
 namespace defkv::cache {
 
 KvPool::KvPool(int64_t rows, int64_t head_dim, at::ScalarType dtype, at::Device device)
-    : rows_(rows), free_rows_(rows) {
+    : id_([] {
+        static std::atomic<uint64_t> next{1};
+        return next.fetch_add(1);
+      }()),
+      rows_(rows),
+      free_rows_(rows) {
   TORCH_CHECK(rows > 0 && head_dim > 0, "KvPool: rows and head_dim must be positive");
   auto opts = at::TensorOptions().dtype(dtype).device(device);
   k_ = at::empty({rows, head_dim}, opts);

@@ -34,8 +34,12 @@ class KvPool {
   int64_t free_rows() const { return free_rows_; }
   int64_t largest_free_range() const;
   int64_t bytes() const { return 2 * rows_ * k_.size(1) * static_cast<int64_t>(k_.element_size()); }
+  // Unique to this pool in the process (never reused, unlike the tensors' addresses): what a
+  // captured CUDA graph, which holds the K and V addresses, checks that it was captured for.
+  uint64_t id() const { return id_; }
 
  private:
+  uint64_t id_;
   int64_t rows_, free_rows_;
   at::Tensor k_, v_;
   std::map<int64_t, int64_t> free_;  // start -> length, no two adjacent

@@ -41,13 +41,15 @@ class CudaDecodeGraphs final : public DecodeGraphs {
   at::Tensor Run(const Transformer& model, const cache::HeadwiseCache::BatchPlan& plan,
                  const cache::KvPool& pool) override {
     if (broken_ || plan.batch > max_batch_) return {};
-    // A graph holds the pool's address: a new pool (CreateKvPool again, a benchmark's next run)
-    // makes every captured graph stale.
-    // Their memory pool goes with them (PyTorch refuses a pool id whose graphs are gone).
-    if (pool.k().data_ptr() != pool_base_) {
+    // A graph holds the pool's K and V addresses: a new pool (CreateKvPool again, a benchmark's
+    // next run) makes every captured graph stale. The pool's id, not an address, tells: a new
+    // pool may get the old K address and another V address (seen on the H200: the replays then
+    // read the freed V). Their memory pool goes with them (PyTorch refuses a pool id whose
+    // graphs are gone).
+    if (pool.id() != kv_pool_id_) {
       graphs_.clear();
       pool_id_.reset();
-      pool_base_ = pool.k().data_ptr();
+      kv_pool_id_ = pool.id();
     }
     const std::pair<int64_t, int64_t> key{plan.batch, Bucket(plan.max_k)};
     ++clock_;
@@ -125,7 +127,7 @@ class CudaDecodeGraphs final : public DecodeGraphs {
 
   int64_t max_batch_;
   int64_t clock_ = 0;  // Run() calls, for least-recently-used eviction
-  const void* pool_base_ = nullptr;
+  uint64_t kv_pool_id_ = 0;  // KvPool::id() of the pool the graphs were captured for
   bool broken_ = false;
   std::optional<c10::cuda::CUDAStream> stream_;
   std::optional<at::cuda::MempoolId_t> pool_id_;

@@ -323,6 +323,41 @@ TEST_F(Gpu, DependentLaunchKeepsDecodeBits) {
   model::SetDependentLaunch(was_on);
 }
 
+// One model, a new KV pool for each run (as defkv-bench makes one per row): the decode graphs
+// captured for an earlier pool are not replayed over a later one, even when the later pool gets
+// some of the same addresses (the graphs then read the freed memory of the old one), so every run
+// gives the first run's logits.
+TEST_F(Gpu, DecodeGraphsFollowANewPool) {
+  const uint64_t seed = FreshSeed();
+  const int64_t context = 300, steps = 24;
+  auto m = testing::TinyBf16Model("llama", seed);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const model::ModelConfig& c = (*m)->config();
+  ASSERT_TRUE((*m)->EnableDecodeGraphs(4));
+  const at::Tensor prompt = at::randint(0, c.vocab_size, {context}, at::kLong);
+  const auto run = [&] {
+    cache::KvPool pool(c.num_layers * c.num_kv_heads * (context + steps + 1), c.head_dim, at::kBFloat16, at::kCUDA);
+    auto cache = (*m)->NewCache(&pool);
+    cache->Reserve(context + steps + 1);
+    at::Tensor logits = (*m)->Forward(prompt, at::arange(context, at::kLong), *cache);
+    int64_t token = logits[0].argmax().item<int64_t>();
+    std::vector<at::Tensor> out = {logits};
+    const std::vector<cache::KvCache*> caches = {cache.get()};
+    for (int64_t p = context; p < context + steps; ++p) {
+      out.push_back((*m)->ForwardBatch(at::full({1}, token, at::kLong), at::full({1}, p, at::kLong), caches));
+      token = out.back()[0].argmax().item<int64_t>();
+    }
+    return at::cat(out, 0);
+  };
+  const at::Tensor first = run();
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor rows = (run() != first).any(1).nonzero();
+    EXPECT_EQ(rows.numel() == 0 ? int64_t{-1} : rows[0][0].item<int64_t>(), -1)
+        << "run " << i << ": the first row that differs (0: the prefill's logits); seed " << seed;
+  }
+  EXPECT_GE((*m)->decode_graphs(), 1);
+}
+
 // The fused RMSNorm against Transformer::RmsNorm's expression on the CPU in fp32, over
 // contiguous rows and over [T, H, D] heads inside a wider row (the q/k norms read qkv columns),
 // aligned (16-byte loads) and not. Also printed: how many elements differ from the same
