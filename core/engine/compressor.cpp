@@ -59,12 +59,36 @@ void Compressor::Finish() {
   std::vector<press::HeadSelection> all = press_.Finish();
   scoring_s_ += Since(dev, t);
   for (size_t l = 0; l < all.size(); ++l) Apply(static_cast<int64_t>(l), all[l]);
+  stored_.clear();
 }
 
 void Compressor::Apply(int64_t layer, const press::HeadSelection& sel) {
   const at::Device dev = model_.device();
   const auto t = Mark(dev);
-  cache_.Compact(layer, sel, extra_);
+  if (press_.narrows_layers()) {
+    if (stored_.empty()) stored_.resize(kept_.size());
+    press::HeadSelection& held = stored_[layer];
+    if (held.empty()) {
+      cache_.Compact(layer, sel, extra_);
+    } else {
+      // The layer holds a compacted set already: the selection's positions are rows of it.
+      press::HeadSelection rows;
+      for (size_t h = 0; h < sel.size(); ++h) {
+        const at::Tensor want = sel[h].to(held[h].device(), at::kLong);
+        const at::Tensor at_row = at::searchsorted(held[h], want);
+        const bool held_all = want.numel() == 0 ||
+                              (held[h].numel() > 0 &&
+                               at::equal(held[h].index_select(0, at_row.clamp_max(held[h].numel() - 1)), want));
+        TORCH_CHECK(held_all, "Compressor: layer ", layer, " head ", h, " selects a position it no longer holds");
+        rows.push_back(at_row);
+      }
+      cache_.Compact(layer, rows, extra_);
+    }
+    held.clear();
+    for (const auto& s : sel) held.push_back(std::get<0>(s.to(at::kLong).sort()));
+  } else {
+    cache_.Compact(layer, sel, extra_);
+  }
   compaction_s_ += Since(dev, t);
   for (size_t h = 0; h < sel.size(); ++h) {
     kept_[layer][h] = sel[h].numel();

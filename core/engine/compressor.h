@@ -47,6 +47,9 @@ class Compressor final : public model::LayerHook {
   std::vector<std::vector<int64_t>> kept_;
   bool keep_positions_;
   std::vector<std::vector<std::vector<int32_t>>> positions_;
+  // For a press that narrows layers (Press::narrows_layers): per layer, the context positions
+  // its storage holds after a first compaction, per head (empty: not compacted yet).
+  std::vector<press::HeadSelection> stored_;
   double scoring_s_ = 0, compaction_s_ = 0;
 };
 

@@ -102,34 +102,66 @@ class DefensiveKVPress final : public Press {
     const double per_layer = static_cast<double>(in.context_len()) * (1.0 - in.compression_ratio) *
                              static_cast<double>(in.num_kv_heads());
     if (!across_layers_) return FlatTopK(s, static_cast<int64_t>(per_layer));
-    layer_scores_.push_back(s);
     total_ = static_cast<int64_t>(per_layer * static_cast<double>(in.model->config().num_layers));
-    return std::nullopt;
+    heads_ = s.size(0), len_ = s.size(1);
+    cand_scores_.push_back(s.reshape({-1}));
+    cand_flat_.push_back(at::arange(s.numel(), at::TensorOptions().dtype(at::kLong).device(s.device())));
+    return Prune();
   }
 
-  // Layer-DefensiveKV: the global top entries over every layer's flattened scores.
+  bool narrows_layers() const override { return across_layers_; }
+
+  // Layer-DefensiveKV: the global top entries over every layer's flattened scores, as original
+  // positions per (layer, head); the Compressor maps them into layers it has already pruned.
   std::vector<HeadSelection> Finish() override {
     std::vector<HeadSelection> out;
-    if (layer_scores_.empty()) return out;
-    const int64_t layers = static_cast<int64_t>(layer_scores_.size());
-    const int64_t heads = layer_scores_[0].size(0), len = layer_scores_[0].size(1);
-    at::Tensor all = at::stack(layer_scores_).reshape({-1});
-    layer_scores_.clear();
-    // The flat index is (layer * heads + head) * len + position: the winners sorted ascending
-    // are grouped by (layer, head), so one count per group splits them.
-    HeadSelection groups = SplitByRow(TopKFlatSorted(all, total_), layers * heads, len);
-    for (int64_t l = 0; l < layers; ++l)
-      out.emplace_back(std::make_move_iterator(groups.begin() + l * heads),
-                       std::make_move_iterator(groups.begin() + (l + 1) * heads));
+    if (cand_scores_.empty()) return out;
+    const at::Tensor winners = Winners();  // ascending: grouped by layer, then head, then position
+    int64_t from = 0;
+    for (size_t l = 0; l < cand_scores_.size(); ++l) {
+      const int64_t n = cand_scores_[l].numel();
+      const at::Tensor mine = winners.masked_select((winners >= from) & (winners < from + n)) - from;
+      out.push_back(SplitByRow(cand_flat_[l].index_select(0, mine), heads_, len_));
+      from += n;
+    }
+    cand_scores_.clear();
+    cand_flat_.clear();
     return out;
   }
 
  private:
+  // Indices (ascending) into the concatenation of every layer's candidates of the top total_
+  // of them: TopKFlatSorted's order (score, then the earlier index). The candidates of each
+  // layer are kept in (head, position) order and the layers in order, so an index into the
+  // concatenation orders equal scores exactly as the flat index over every layer's full scores.
+  at::Tensor Winners() const { return TopKFlatSorted(at::cat(cand_scores_), total_); }
+
+  // The running global top-k, exact: once the layers so far hold more than total_ candidates,
+  // a candidate outside their top total_ stays outside for good (a later layer only adds
+  // entries, and its entries come later in the flat order, so they never win a tie against it).
+  // The last layer's losers are dropped now, so it is compacted to its candidates at once and
+  // the model never holds every layer at full size until the end (original positions per head;
+  // nullopt when none are dropped).
+  std::optional<HeadSelection> Prune() {
+    int64_t count = 0;
+    for (const auto& c : cand_scores_) count += c.numel();
+    if (count <= total_) return std::nullopt;
+    const at::Tensor winners = Winners();
+    const int64_t n = cand_scores_.back().numel(), from = count - n;
+    const at::Tensor mine = winners.masked_select(winners >= from) - from;
+    if (mine.numel() == n) return std::nullopt;
+    cand_scores_.back() = cand_scores_.back().index_select(0, mine);
+    cand_flat_.back() = cand_flat_.back().index_select(0, mine);
+    return SplitByRow(cand_flat_.back(), heads_, len_);
+  }
+
   int64_t window_, kernel_;
   double tau_;
   bool across_layers_;
-  std::vector<at::Tensor> layer_scores_;
-  int64_t total_ = 0;
+  // Layer-DefensiveKV, per layer so far: the scores of its candidates and their flat indices
+  // head * len + position, ascending.
+  std::vector<at::Tensor> cand_scores_, cand_flat_;
+  int64_t total_ = 0, heads_ = 0, len_ = 0;
 };
 
 }  // namespace

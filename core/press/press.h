@@ -48,10 +48,14 @@ class Press {
   // How many trailing context rows of attention input LayerInputs::hidden must hold
   // (-1: all of them).
   virtual int64_t hidden_rows(int64_t context_len) const { return 0; }
-  // Per-layer presses return the layer's selection. Presses that allocate across layers
-  // return nullopt for every layer and give all selections from Finish().
+  // Per-layer presses return the layer's selection. Presses that allocate across layers give
+  // every layer's selection from Finish(); from CompressLayer they return nullopt, or, when
+  // narrows_layers() says so, a set of candidates that holds every entry the layer can still
+  // keep (the layer is compacted to it at once, and Finish's selection is a subset of it).
+  // Selections are context positions, whatever was compacted before.
   virtual std::optional<HeadSelection> CompressLayer(const LayerInputs& in) = 0;
   virtual std::vector<HeadSelection> Finish() { return {}; }
+  virtual bool narrows_layers() const { return false; }
 };
 
 // Scores every context entry of a layer: [H_kv, L] fp32, higher = keep.

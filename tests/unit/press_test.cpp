@@ -271,20 +271,46 @@ TEST_F(PressOnModel, DefensiveKVLayerBudgetAndProtection) {
 TEST(LayerDefensiveKV, OneBudgetAcrossLayers) {
   Prefill p = PrefillModel("llama_gqa2", 120, 3);
   auto press = Make("layer_defensivekv", {{"window_size", "16"}});
-  for (int64_t l = 0; l < 2; ++l) EXPECT_FALSE(press->CompressLayer(p.Inputs(l, 0.8)).has_value());
+  // Each layer's candidates (what it is compacted to at once): a superset of what it keeps.
+  std::vector<std::optional<HeadSelection>> candidates;
+  for (int64_t l = 0; l < 2; ++l) candidates.push_back(press->CompressLayer(p.Inputs(l, 0.8)));
+  EXPECT_TRUE(press->narrows_layers());
   auto all = press->Finish();
   ASSERT_EQ(all.size(), 2u);
   int64_t total = 0;
   for (const auto& layer : all)
     for (const auto& h : layer) total += h.numel();
   EXPECT_EQ(total, static_cast<int64_t>(120.0 * (1.0 - 0.8) * 2.0 * 2.0));  // (22)
+  // Exactly the global top entries over both layers' full scores (ties: the earlier flat
+  // index), though each layer was narrowed to candidates on the way.
+  std::vector<at::Tensor> scores;
+  for (int64_t l = 0; l < 2; ++l) scores.push_back(defensive::LayerScores(p.Inputs(l, 0.8), 16, 5, 0.9));
+  const HeadSelection global = SplitByRow(TopKFlatSorted(at::stack(scores).reshape({-1}), total), 4, scores[0].size(1));
+  for (int64_t l = 0; l < 2; ++l) {
+    for (int64_t h = 0; h < 2; ++h) {
+      const at::Tensor kept = std::get<0>(all[l][h].sort());
+      EXPECT_TRUE(kept.equal(global[l * 2 + h])) << "layer " << l << " head " << h;
+      if (candidates[l]) {
+        const at::Tensor cand = (*candidates[l])[h];
+        EXPECT_TRUE(at::isin(kept, cand).all().item<bool>()) << "layer " << l << " keeps an entry it was narrowed away from";
+        EXPECT_GE(cand.numel(), kept.numel());
+      }
+    }
+  }
+  // With 240 entries a layer and 96 kept in all, the first layer is narrowed to its own top 96
+  // at once, and the second to its entries among the top 96 of both.
+  ASSERT_TRUE(candidates[0].has_value());
+  EXPECT_EQ((*candidates[0])[0].numel() + (*candidates[0])[1].numel(), total);
+  ASSERT_TRUE(candidates[1].has_value());
+  EXPECT_EQ((*candidates[1])[0].numel() + (*candidates[1])[1].numel(),
+            all[1][0].numel() + all[1][1].numel());
   // Each layer's set is that layer's own top entries.
   for (int64_t l = 0; l < 2; ++l) {
-    at::Tensor s = defensive::LayerScores(p.Inputs(l, 0.8), 16, 5, 0.9);
+    const at::Tensor& sl = scores[l];
     int64_t n = 0;
     for (const auto& h : all[l]) n += h.numel();
-    at::Tensor kept_vals = at::cat({s[0].index_select(0, all[l][0]), s[1].index_select(0, all[l][1])});
-    at::Tensor top = std::get<0>(s.reshape({-1}).sort(0, true)).narrow(0, 0, n);
+    at::Tensor kept_vals = at::cat({sl[0].index_select(0, all[l][0]), sl[1].index_select(0, all[l][1])});
+    at::Tensor top = std::get<0>(sl.reshape({-1}).sort(0, true)).narrow(0, 0, n);
     EXPECT_TRUE(std::get<0>(kept_vals.sort(0, true)).equal(top));
   }
 }
