@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int t = threadIdx.x;
   if constexpr (kSiluGate) {
     // m * 8 outputs, one thread each: gate and up are summed and rounded as y would be, then
-    // SiLU(gate) * up as SiluMulKernel: x / (1 + expf(-x)) rounded, times up, rounded.
+    // gated as SiluMulKernel gates them (num.cuh's SiluGate).
     constexpr int kOut = kRows / 2;
     if (t < m * kOut) {
       const int c = t / kOut, r = t % kOut;
@@ -177,9 +177,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           gs += Num<T>::ToFloat(bias[j]);
           us += Num<T>::ToFloat(bias[n + j]);
         }
-        const float gate = Num<T>::ToFloat(Num<T>::FromFloat(gs)), up = Num<T>::ToFloat(Num<T>::FromFloat(us));
-        const float silu = Num<T>::ToFloat(Num<T>::FromFloat(__fdiv_rn(gate, __fadd_rn(1.f, expf(-gate)))));
-        y[c * n + j] = Num<T>::FromFloat(__fmul_rn(silu, up));
+        y[c * n + j] = SiluGate<T>(Round<T>(gs), Round<T>(us));
       }
     }
     return;

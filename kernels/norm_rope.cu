@@ -36,11 +36,6 @@
 namespace defkv::kernels {
 namespace {
 
-// Rounds a float to T and back: what storing an intermediate ATen tensor of dtype T does.
-template <typename T>
-__device__ float Round(float v) {
-  return Num<T>::ToFloat(Num<T>::FromFloat(v));
-}
 
 // V elements moved as one load or store (16 bytes when V = 16 / sizeof(T)).
 template <typename T, int V>
@@ -186,9 +181,7 @@ __global__ void SiluMulKernel(const T* __restrict__ gu, int64_t inter, T* __rest
     P o;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const float x = Num<T>::ToFloat(gp.v[k]);
-      const float silu = Round<T>(__fdiv_rn(x, __fadd_rn(1.f, expf(-x))));
-      o.v[k] = Num<T>::FromFloat(__fmul_rn(silu, Num<T>::ToFloat(up.v[k])));
+      o.v[k] = SiluGate<T>(Num<T>::ToFloat(gp.v[k]), Num<T>::ToFloat(up.v[k]));
     }
     *reinterpret_cast<P*>(out + i * V) = o;
   }

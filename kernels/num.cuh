@@ -25,4 +25,19 @@ struct Num<__nv_bfloat16> {
   static __device__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
 };
 
+// Rounds a float to T and back: what storing an intermediate ATen tensor of dtype T does.
+template <typename T>
+__device__ float Round(float v) {
+  return Num<T>::ToFloat(Num<T>::FromFloat(v));
+}
+
+// The MLP's SiLU gate of one element, rounded as ATen rounds at::silu(g) * u: silu is
+// g / (1 + expf(-g)) in float (expf and an IEEE division, as nvcc compiles them without fast
+// math) rounded to T, and the product with u is rounded again. g and u are values of T.
+template <typename T>
+__device__ T SiluGate(float g, float u) {
+  const float silu = Round<T>(__fdiv_rn(g, __fadd_rn(1.f, expf(-g))));
+  return Num<T>::FromFloat(__fmul_rn(silu, u));
+}
+
 }  // namespace defkv::kernels
