@@ -41,10 +41,10 @@ class CudaDecodeGraphs final : public DecodeGraphs {
   at::Tensor Run(const Transformer& model, const cache::HeadwiseCache::BatchPlan& plan,
                  const cache::KvPool& pool) override {
     if (broken_ || plan.batch > max_batch_) return {};
-    // A graph holds the pool's K and V addresses: a new pool (CreateKvPool again, a benchmark's
-    // next run) makes every captured graph stale. The pool's id, not an address, tells: a new
-    // pool may get the old K address and another V address (seen on the H200: the replays then
-    // read the freed V). Their memory pool goes with them (PyTorch refuses a pool id whose
+    // A graph holds the addresses of the pool it was captured for: a new pool (CreateKvPool
+    // again, a benchmark's next run) makes every captured graph stale. The pool's id, not its K
+    // address, tells: on the H200 a new pool at the old K address replayed the old graphs and
+    // gave other logits. Their memory pool goes with them (PyTorch refuses a pool id whose
     // graphs are gone).
     if (pool.id() != kv_pool_id_) {
       graphs_.clear();
