@@ -331,6 +331,60 @@ void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, 
               std::all_of(new_len.begin(), new_len.end(), [&](int64_t n) { return n == new_len[0]; });
 }
 
+void HeadwiseCache::Narrow(int64_t layer, const at::Tensor& entries, const std::vector<int64_t>& per_head,
+                           int64_t extra_capacity) {
+  Layer& L = layers_[layer];
+  const int64_t heads = num_kv_heads_, n = entries.numel();
+  TORCH_CHECK(static_cast<int64_t>(per_head.size()) == heads, "Narrow: one count per kv head");
+  TORCH_CHECK(entries.dim() == 1 && entries.scalar_type() == at::kLong && entries.device() == device_,
+              "Narrow: entries must be a 1-D int64 tensor on the layer's device");
+  L.reserve = 0;
+  if (!L.k.defined()) Relayout(layer, std::vector<int64_t>(heads, 0));
+  // Per head: where its entries start in the flat order and in the old storage, and where its
+  // kept ones start in both orders after the narrowing. One upload for all of it.
+  std::vector<int64_t> cap(heads), offset(heads), table(5 * heads);
+  int64_t start = 0, kept_start = 0, dst = 0;
+  for (int64_t h = 0; h < heads; ++h) {
+    TORCH_CHECK(per_head[h] >= 0 && per_head[h] <= L.length[h], "Narrow: head ", h, " keeps ", per_head[h], " of ",
+                L.length[h], " entries");
+    cap[h] = per_head[h] + extra_capacity;
+    offset[h] = dst;
+    table[h] = start;                                   // first flat entry of head h
+    table[heads + h] = start + L.length[h];             // one past its last
+    table[2 * heads + h] = L.offset[h] - start;         // flat entry -> old storage row
+    table[3 * heads + h] = dst - kept_start;            // kept index -> new storage row
+    table[4 * heads + h] = per_head[h];
+    start += L.length[h];
+    kept_start += per_head[h];
+    dst += cap[h];
+  }
+  TORCH_CHECK(kept_start == n, "Narrow: the counts per head add up to ", kept_start, ", not ", n);
+  if (n > 0) {
+    const at::Tensor t = at::tensor(table, at::TensorOptions().dtype(at::kLong)).to(device_).view({5, heads});
+    const at::Tensor head =  // the head of each kept entry
+        at::arange(heads, entries.options()).repeat_interleave(t[4], /*dim=*/0, /*output_size=*/n);
+    at::Tensor ok = (entries >= t[0].index_select(0, head)) & (entries < t[1].index_select(0, head));
+    if (n > 1) ok = ok.all() & (entries.narrow(0, 1, n - 1) > entries.narrow(0, 0, n - 1)).all();
+    TORCH_CHECK(ok.all().item<bool>(), "Narrow: layer ", layer, "'s entries are not ascending within their heads' ranges");
+    const at::Tensor src = entries + t[2].index_select(0, head);
+    const at::Tensor dst_rows = at::arange(n, entries.options()) + t[3].index_select(0, head);
+    at::Tensor k_kept = L.k.index_select(0, src), v_kept = L.v.index_select(0, src);
+    ReleaseStorage(L);  // as in Compact: the pool never holds both ranges
+    std::tie(L.k, L.v) = NewStorage(dst, &L.pool_start);
+    L.k.index_copy_(0, dst_rows, k_kept);
+    L.v.index_copy_(0, dst_rows, v_kept);
+  } else {
+    ReleaseStorage(L);
+    std::tie(L.k, L.v) = NewStorage(dst, &L.pool_start);
+  }
+  L.offset = offset;
+  L.length = per_head;
+  L.capacity = cap;
+  L.meta_stale = true;
+  L.uniform = std::all_of(cap.begin(), cap.end(), [&](int64_t c) { return c == cap[0]; }) &&
+              std::all_of(per_head.begin(), per_head.end(), [&](int64_t c) { return c == per_head[0]; });
+}
+
 at::Tensor HeadwiseCache::keys(int64_t layer) const {
   const Layer& L = layers_[layer];
   TORCH_CHECK(L.uniform, "keys(): layer ", layer, " has per-head lengths");

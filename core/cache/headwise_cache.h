@@ -86,6 +86,12 @@ class HeadwiseCache final : public KvCache {
   // Keeps in `layer` only the entries kept[h] (int64 positions into head h's segment, any
   // order; stored in ascending order) and sizes each segment to its kept count + extra.
   void Compact(int64_t layer, const std::vector<at::Tensor>& kept, int64_t extra_capacity);
+  // Compact's device-side form for a layer narrowed again and again: `entries` (int64, on the
+  // layer's device, strictly ascending) index the layer's entries taken head after head (head
+  // h's j-th entry is sum of the earlier heads' lengths + j); per_head[h] of them fall in head
+  // h. No index comes to the host: the checks (in range, ascending, counts that match) cost one
+  // synchronisation.
+  void Narrow(int64_t layer, const at::Tensor& entries, const std::vector<int64_t>& per_head, int64_t extra_capacity);
 
   bool uniform(int64_t layer) const { return layers_[layer].uniform; }
   const std::vector<int64_t>& head_lengths(int64_t layer) const { return layers_[layer].length; }

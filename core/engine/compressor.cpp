@@ -50,7 +50,9 @@ void Compressor::AfterAttention(int64_t layer, const at::Tensor& x_norm) {
   std::optional<press::HeadSelection> sel = press_.CompressLayer(in);
   scoring_s_ += Since(dev, t);
   hidden_[layer] = at::Tensor();
-  if (sel) Apply(layer, *sel);
+  if (sel) Apply(layer, *sel, /*final=*/!press_.narrows_layers());
+  if (press_.narrows_layers())
+    for (const auto& [earlier, candidates] : press_.TakeNarrowed()) Apply(earlier, candidates, /*final=*/false);
 }
 
 void Compressor::Finish() {
@@ -58,38 +60,44 @@ void Compressor::Finish() {
   const auto t = Mark(dev);
   std::vector<press::HeadSelection> all = press_.Finish();
   scoring_s_ += Since(dev, t);
-  for (size_t l = 0; l < all.size(); ++l) Apply(static_cast<int64_t>(l), all[l]);
+  for (size_t l = 0; l < all.size(); ++l) Apply(static_cast<int64_t>(l), all[l], /*final=*/true);
   stored_.clear();
 }
 
-void Compressor::Apply(int64_t layer, const press::HeadSelection& sel) {
+void Compressor::Apply(int64_t layer, const press::HeadSelection& sel, bool final) {
   const at::Device dev = model_.device();
   const auto t = Mark(dev);
   if (press_.narrows_layers()) {
+    // The layer may be narrowed many times: the positions become flat indices h * context_len +
+    // position (ascending), their rows in what the layer holds are found on the device, and
+    // the cache narrows to them there (no index comes to the host).
     if (stored_.empty()) stored_.resize(kept_.size());
-    press::HeadSelection& held = stored_[layer];
-    if (held.empty()) {
-      cache_.Compact(layer, sel, extra_);
-    } else {
-      // The layer holds a compacted set already: the selection's positions are rows of it.
-      press::HeadSelection rows;
-      for (size_t h = 0; h < sel.size(); ++h) {
-        const at::Tensor want = sel[h].to(held[h].device(), at::kLong);
-        const at::Tensor at_row = at::searchsorted(held[h], want);
-        const bool held_all = want.numel() == 0 ||
-                              (held[h].numel() > 0 &&
-                               at::equal(held[h].index_select(0, at_row.clamp_max(held[h].numel() - 1)), want));
-        TORCH_CHECK(held_all, "Compressor: layer ", layer, " head ", h, " selects a position it no longer holds");
-        rows.push_back(at_row);
-      }
-      cache_.Compact(layer, rows, extra_);
+    std::vector<at::Tensor> parts;
+    std::vector<int64_t> per_head;
+    for (size_t h = 0; h < sel.size(); ++h) {
+      parts.push_back(sel[h].to(dev, at::kLong).reshape({-1}) + static_cast<int64_t>(h) * context_len_);
+      per_head.push_back(sel[h].numel());
     }
-    held.clear();
-    for (const auto& s : sel) held.push_back(std::get<0>(s.to(at::kLong).sort()));
+    const at::Tensor flat = std::get<0>(at::cat(parts).sort());
+    at::Tensor& held = stored_[layer];
+    at::Tensor entries = flat;  // a layer not narrowed yet holds every position of every head
+    if (held.defined()) {
+      entries = at::searchsorted(held, flat);
+      const bool held_all = flat.numel() == 0 ||
+                            (held.numel() > 0 && at::equal(held.index_select(0, entries.clamp_max(held.numel() - 1)), flat));
+      TORCH_CHECK(held_all, "Compressor: layer ", layer, " selects a position it no longer holds");
+    } else {
+      for (int64_t n : cache_.head_lengths(layer))
+        TORCH_CHECK(n == context_len_, "Compressor: layer ", layer, " holds ", n, " entries in a head, not the context's ",
+                    context_len_);
+    }
+    cache_.Narrow(layer, entries, per_head, extra_);
+    held = flat;
   } else {
     cache_.Compact(layer, sel, extra_);
   }
   compaction_s_ += Since(dev, t);
+  if (!final) return;
   for (size_t h = 0; h < sel.size(); ++h) {
     kept_[layer][h] = sel[h].numel();
     if (keep_positions_) {

@@ -35,7 +35,9 @@ class Compressor final : public model::LayerHook {
   double compaction_seconds() const { return compaction_s_; }
 
  private:
-  void Apply(int64_t layer, const press::HeadSelection& sel);
+  // Compacts `layer` to `sel`; `final`: the layer's last selection, recorded in kept() and
+  // positions() (a narrowing press's earlier candidate sets are not).
+  void Apply(int64_t layer, const press::HeadSelection& sel, bool final);
 
   const model::Transformer& model_;
   cache::HeadwiseCache& cache_;
@@ -47,9 +49,10 @@ class Compressor final : public model::LayerHook {
   std::vector<std::vector<int64_t>> kept_;
   bool keep_positions_;
   std::vector<std::vector<std::vector<int32_t>>> positions_;
-  // For a press that narrows layers (Press::narrows_layers): per layer, the context positions
-  // its storage holds after a first compaction, per head (empty: not compacted yet).
-  std::vector<press::HeadSelection> stored_;
+  // For a press that narrows layers (Press::narrows_layers): per layer, what its storage holds
+  // after a first narrowing, as flat indices h * context_len + position, ascending (undefined:
+  // not narrowed yet, every position of every head).
+  std::vector<at::Tensor> stored_;
   double scoring_s_ = 0, compaction_s_ = 0;
 };
 

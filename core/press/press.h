@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -56,6 +57,10 @@ class Press {
   virtual std::optional<HeadSelection> CompressLayer(const LayerInputs& in) = 0;
   virtual std::vector<HeadSelection> Finish() { return {}; }
   virtual bool narrows_layers() const { return false; }
+  // For a press that narrows layers: earlier layers (by LayerInputs::layer) whose candidates
+  // have shrunk since they were last handed out, as context positions per head, ascending; the
+  // caller compacts each to its set at once. Taking them empties the list.
+  virtual std::vector<std::pair<int64_t, HeadSelection>> TakeNarrowed() { return {}; }
 };
 
 // Scores every context entry of a layer: [H_kv, L] fp32, higher = keep.

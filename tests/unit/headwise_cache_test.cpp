@@ -87,6 +87,41 @@ TEST(HeadwiseCache, CompactRejectsIndicesOutsideTheSegment) {
   EXPECT_THROW(c.Compact(0, {at::tensor({4}, at::kLong), at::tensor({0}, at::kLong)}, 0), c10::Error);
 }
 
+TEST(HeadwiseCache, NarrowEqualsCompactAndNarrowsAgain) {
+  at::manual_seed(4);
+  HeadwiseCache a(1, kHeads, kDim, at::kFloat, at::kCPU), b(1, kHeads, kDim, at::kFloat, at::kCPU);
+  auto k = at::randn({kHeads, 12, kDim}), v = at::randn({kHeads, 12, kDim});
+  for (HeadwiseCache* c : {&a, &b}) c->Append(0, k, v);
+  // Head 0 keeps positions 0, 4, 9; head 1 keeps 1, 2, 3, 5, 11 (entry 12 + position).
+  a.Compact(0, {at::tensor({9, 0, 4}, at::kLong), at::tensor({1, 2, 3, 5, 11}, at::kLong)}, 2);
+  b.Narrow(0, at::tensor({0, 4, 9, 13, 14, 15, 17, 23}, at::kLong), {3, 5}, 2);
+  EXPECT_EQ(b.head_lengths(0), a.head_lengths(0));
+  EXPECT_EQ(b.bytes_reserved(), a.bytes_reserved());
+  for (int64_t h = 0; h < kHeads; ++h) {
+    EXPECT_TRUE(b.head_keys(0, h).equal(a.head_keys(0, h))) << "head " << h;
+    EXPECT_TRUE(b.head_values(0, h).equal(a.head_values(0, h))) << "head " << h;
+  }
+  // Again, on the narrowed layout: entries now count 3 for head 0, then 5 for head 1. Keep
+  // head 0's position 4 (entry 1) and head 1's positions 1 and 11 (entries 3 and 7).
+  b.Narrow(0, at::tensor({1, 3, 7}, at::kLong), {1, 2}, 0);
+  EXPECT_EQ(b.head_lengths(0), (std::vector<int64_t>{1, 2}));
+  EXPECT_TRUE(b.head_keys(0, 0).equal(k[0].narrow(0, 4, 1)));
+  EXPECT_TRUE(b.head_values(0, 1).equal(v[1].index_select(0, at::tensor({1, 11}, at::kLong))));
+  // Appends land after the kept entries (extra 0: the segment grows).
+  auto k1 = at::randn({kHeads, 1, kDim});
+  b.Append(0, k1, k1);
+  EXPECT_EQ(b.head_lengths(0), (std::vector<int64_t>{2, 3}));
+  EXPECT_TRUE(b.head_keys(0, 1).narrow(0, 2, 1).equal(k1[1]));
+  // Nothing kept is allowed; bad input is refused before anything changes.
+  EXPECT_THROW(b.Narrow(0, at::tensor({0, 2}, at::kLong), {2, 0}, 0), c10::Error);   // 2 is head 1's
+  EXPECT_THROW(b.Narrow(0, at::tensor({1, 0}, at::kLong), {2, 0}, 0), c10::Error);   // not ascending
+  EXPECT_THROW(b.Narrow(0, at::tensor({0, 1}, at::kLong), {1, 0}, 0), c10::Error);   // counts off
+  EXPECT_THROW(b.Narrow(0, at::tensor({0}, at::kInt), {1, 0}, 0), c10::Error);       // not int64
+  EXPECT_EQ(b.head_lengths(0), (std::vector<int64_t>{2, 3}));
+  b.Narrow(0, at::empty({0}, at::kLong), {0, 0}, 1);
+  EXPECT_EQ(b.entries(0), 0);
+}
+
 TEST(HeadwiseCache, ReserveAllocatesEachLayerAtItsFirstWrite) {
   HeadwiseCache c(3, kHeads, kDim, at::kFloat, at::kCPU);
   c.Reserve(10);

@@ -124,6 +124,51 @@ TEST(LayerMajorPrefill, ContextShorterThanAChunkAndEmpty) {
   EXPECT_THROW(empty.Logits(), c10::Error);
 }
 
+// Layer-DefensiveKV's one budget over every layer: while the context is prefilled, the layers
+// done hold about that budget (each may lag its running candidates by under a 64th, and at
+// least one entry), not each layer's first candidates. stories260K has 5 layers; at ratio 0.8
+// the budget is one layer's worth, so from the second layer on the earlier ones shrink again.
+TEST(LayerMajorPrefill, LayerDefensiveKVHoldsAboutItsBudget) {
+  DEFKV_REQUIRE_TESTDATA();
+  auto m = model::Transformer::Load(ModelDir("stories260K"), {});
+  ASSERT_TRUE(m.ok()) << m.status();
+  at::InferenceMode guard;
+  at::manual_seed(11);
+  const auto& cfg = (*m)->config();
+  const int64_t n = 200, heads = cfg.num_kv_heads;
+  const at::Tensor ids = at::randint(3, cfg.vocab_size, {n}, at::kLong);
+  auto cache = (*m)->NewCache();
+  cache->Reserve(n + kExtra);
+  auto press = *press::MakePress("layer_defensivekv", {});
+  Compressor comp(**m, *cache, *press, 0.8, n, kExtra);
+  // The press's budget, int(L (1 - r) H N_L) in doubles as the reference computes it (799 here).
+  const auto total = static_cast<int64_t>(static_cast<double>(n) * (1.0 - 0.8) * static_cast<double>(heads) *
+                                          static_cast<double>(cfg.num_layers));
+  model::LayerMajorPrefill prefill(**m, ids, 0, kChunk, *cache, &comp);
+  int64_t checked = 0, most_before = 0;
+  while (!prefill.Step(/*budget=*/1)) {
+    const int64_t done = prefill.layer();
+    int64_t held = 0;
+    for (int64_t l = 0; l < done; ++l) held += cache->entries(l);
+    if (done * heads * n <= total) {  // the press drops nothing while every entry fits
+      EXPECT_EQ(held, done * heads * n) << "before layer " << done << ": nothing is dropped within the budget";
+      continue;
+    }
+    EXPECT_LE(held, total + total / 64 + done) << "before layer " << done;
+    // Without the earlier layers narrowed again, the first layer alone would still hold all
+    // its entries here (it was within the budget when scored).
+    most_before = std::max(most_before, done);
+    ++checked;
+  }
+  EXPECT_GE(most_before, cfg.num_layers - 1);
+  EXPECT_GT(checked, 0);
+  EXPECT_LT(cache->entries(0), heads * n) << "the first layer was never narrowed again";
+  comp.Finish();
+  int64_t kept = 0;
+  for (int64_t l = 0; l < cfg.num_layers; ++l) kept += cache->entries(l);
+  EXPECT_EQ(kept, total);
+}
+
 // ---- through the Generator (stories260K, prefill_chunk 16) ----
 
 class LayerMajorGenerator : public ::testing::Test {

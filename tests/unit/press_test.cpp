@@ -273,8 +273,13 @@ TEST(LayerDefensiveKV, OneBudgetAcrossLayers) {
   auto press = Make("layer_defensivekv", {{"window_size", "16"}});
   // Each layer's candidates (what it is compacted to at once): a superset of what it keeps.
   std::vector<std::optional<HeadSelection>> candidates;
-  for (int64_t l = 0; l < 2; ++l) candidates.push_back(press->CompressLayer(p.Inputs(l, 0.8)));
+  std::vector<std::vector<std::pair<int64_t, HeadSelection>>> narrowed;
+  for (int64_t l = 0; l < 2; ++l) {
+    candidates.push_back(press->CompressLayer(p.Inputs(l, 0.8)));
+    narrowed.push_back(press->TakeNarrowed());
+  }
   EXPECT_TRUE(press->narrows_layers());
+  EXPECT_TRUE(press->TakeNarrowed().empty()) << "taking them empties the list";
   auto all = press->Finish();
   ASSERT_EQ(all.size(), 2u);
   int64_t total = 0;
@@ -304,6 +309,14 @@ TEST(LayerDefensiveKV, OneBudgetAcrossLayers) {
   ASSERT_TRUE(candidates[1].has_value());
   EXPECT_EQ((*candidates[1])[0].numel() + (*candidates[1])[1].numel(),
             all[1][0].numel() + all[1][1].numel());
+  // Scoring the second layer narrows the first again, to its share of the top 96 of both:
+  // exactly what it keeps in the end, as every candidate now wins.
+  EXPECT_TRUE(narrowed[0].empty());
+  const int64_t first_keeps = all[0][0].numel() + all[0][1].numel();
+  ASSERT_LT(first_keeps, total) << "the second layer should win some entries with this seed";
+  ASSERT_EQ(narrowed[1].size(), 1u);
+  EXPECT_EQ(narrowed[1][0].first, 0);
+  for (int64_t h = 0; h < 2; ++h) EXPECT_TRUE(narrowed[1][0].second[h].equal(std::get<0>(all[0][h].sort())));
   // Each layer's set is that layer's own top entries.
   for (int64_t l = 0; l < 2; ++l) {
     const at::Tensor& sl = scores[l];
