@@ -336,7 +336,8 @@ void HeadwiseCache::Narrow(int64_t layer, const at::Tensor& entries, const std::
   Layer& L = layers_[layer];
   const int64_t heads = num_kv_heads_, n = entries.numel();
   TORCH_CHECK(static_cast<int64_t>(per_head.size()) == heads, "Narrow: one count per kv head");
-  TORCH_CHECK(entries.dim() == 1 && entries.scalar_type() == at::kLong && entries.device() == device_,
+  // (Device types: the cache may say "cuda" where the tensors say "cuda:0".)
+  TORCH_CHECK(entries.dim() == 1 && entries.scalar_type() == at::kLong && entries.device().type() == device_.type(),
               "Narrow: entries must be a 1-D int64 tensor on the layer's device");
   L.reserve = 0;
   if (!L.k.defined()) Relayout(layer, std::vector<int64_t>(heads, 0));

@@ -51,8 +51,12 @@ void Compressor::AfterAttention(int64_t layer, const at::Tensor& x_norm) {
   scoring_s_ += Since(dev, t);
   hidden_[layer] = at::Tensor();
   if (sel) Apply(layer, *sel, /*final=*/!press_.narrows_layers());
-  if (press_.narrows_layers())
-    for (const auto& [earlier, candidates] : press_.TakeNarrowed()) Apply(earlier, candidates, /*final=*/false);
+  if (press_.narrows_layers()) {
+    // Many small narrowings: timed together (each timing point synchronises the device).
+    const auto t_narrow = Mark(dev);
+    for (const auto& [earlier, candidates] : press_.TakeNarrowed()) Apply(earlier, candidates, /*final=*/false, false);
+    compaction_s_ += Since(dev, t_narrow);
+  }
 }
 
 void Compressor::Finish() {
@@ -64,9 +68,9 @@ void Compressor::Finish() {
   stored_.clear();
 }
 
-void Compressor::Apply(int64_t layer, const press::HeadSelection& sel, bool final) {
+void Compressor::Apply(int64_t layer, const press::HeadSelection& sel, bool final, bool timed) {
   const at::Device dev = model_.device();
-  const auto t = Mark(dev);
+  const auto t = timed ? Mark(dev) : Clock::time_point();
   if (press_.narrows_layers()) {
     // The layer may be narrowed many times: the positions become flat indices h * context_len +
     // position (ascending), their rows in what the layer holds are found on the device, and
@@ -83,7 +87,9 @@ void Compressor::Apply(int64_t layer, const press::HeadSelection& sel, bool fina
     at::Tensor entries = flat;  // a layer not narrowed yet holds every position of every head
     if (held.defined()) {
       entries = at::searchsorted(held, flat);
-      const bool held_all = flat.numel() == 0 ||
+      // The press hands out subsets of what it handed out before; the final selection is
+      // checked against what the layer holds (a synchronisation, so only once per layer).
+      const bool held_all = !final || flat.numel() == 0 ||
                             (held.numel() > 0 && at::equal(held.index_select(0, entries.clamp_max(held.numel() - 1)), flat));
       TORCH_CHECK(held_all, "Compressor: layer ", layer, " selects a position it no longer holds");
     } else {
@@ -96,7 +102,7 @@ void Compressor::Apply(int64_t layer, const press::HeadSelection& sel, bool fina
   } else {
     cache_.Compact(layer, sel, extra_);
   }
-  compaction_s_ += Since(dev, t);
+  if (timed) compaction_s_ += Since(dev, t);
   if (!final) return;
   for (size_t h = 0; h < sel.size(); ++h) {
     kept_[layer][h] = sel[h].numel();

@@ -37,7 +37,8 @@ class Compressor final : public model::LayerHook {
  private:
   // Compacts `layer` to `sel`; `final`: the layer's last selection, recorded in kept() and
   // positions() (a narrowing press's earlier candidate sets are not).
-  void Apply(int64_t layer, const press::HeadSelection& sel, bool final);
+  // `timed`: add the time it takes to compaction_seconds() (the caller times it otherwise).
+  void Apply(int64_t layer, const press::HeadSelection& sel, bool final, bool timed = true);
 
   const model::Transformer& model_;
   cache::HeadwiseCache& cache_;

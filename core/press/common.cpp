@@ -22,10 +22,12 @@ namespace {
 at::Tensor RankKeys(const at::Tensor& scores) {
   const int64_t len = scores.size(-1);
   TORCH_CHECK(len < (int64_t{1} << 32), "RankKeys: rows longer than 2^32 entries");
-  at::Tensor bits = (scores.to(at::kFloat) + 0.0).contiguous().view(at::kInt).to(at::kLong);
-  at::Tensor ordered = at::where(bits < 0, bits.bitwise_xor(0x7FFFFFFF), bits);
-  at::Tensor positions = at::arange(len, scores.options().dtype(at::kLong));
-  return ordered * (int64_t{1} << 32) + ((int64_t{1} << 32) - 1 - positions);
+  // In place after the first copy: at 128K Layer-DefensiveKV ranks 7M entries at once.
+  at::Tensor key = (scores.to(at::kFloat) + 0.0).contiguous().view(at::kInt).to(at::kLong);
+  key.bitwise_xor_(key.__rshift__(31).bitwise_and_(0x7FFFFFFF));  // negative: low 31 bits flipped
+  constexpr int64_t kLow = int64_t{1} << 32;
+  key.mul_(kLow).add_(at::arange(kLow - 1, kLow - 1 - len, -1, key.options()));
+  return key;
 }
 
 }  // namespace
@@ -65,6 +67,50 @@ std::vector<int64_t> CountPerHead(const at::Tensor& flat_indices, int64_t num_he
 
 at::Tensor TopKFlatSorted(const at::Tensor& flat, int64_t n) {
   return std::get<0>(TopKIndices(flat, n).sort());
+}
+
+at::Tensor TopKFlatAscending(const at::Tensor& flat, int64_t n) {
+  const int64_t len = flat.numel();
+  const auto longs = flat.options().dtype(at::kLong);
+  if (n <= 0) return at::empty({0}, longs);
+  if (n >= len) return at::arange(len, longs);
+  const at::Tensor key = RankKeys(flat.reshape({-1}));  // unique, so exactly n keys are >= the answer
+  const at::Tensor ends = at::stack({key.min(), key.max()}).to(at::kCPU);
+  // The keys as unsigned 128-bit numbers in the same order (int64 with the sign bit flipped), so
+  // that steps between them never overflow.
+  using U = unsigned __int128;
+  constexpr uint64_t kFlip = uint64_t{1} << 63;
+  const auto to_u = [](int64_t v) { return static_cast<U>(static_cast<uint64_t>(v) ^ kFlip); };
+  const auto to_key = [](U v) { return static_cast<int64_t>(static_cast<uint64_t>(v) ^ kFlip); };
+  // Invariant: count(key >= base) >= n > count(key >= hi). Each round splits [base, hi) into up
+  // to 256 steps and counts the keys at or above every step at once (bucketize, then a
+  // histogram): at most 8 rounds for 64-bit keys, one host synchronisation each.
+  U base = to_u(ends[0].item<int64_t>()), hi = to_u(ends[1].item<int64_t>()) + 1;
+  while (hi - base > 1) {
+    const U span = hi - base;
+    const int64_t steps = span < 256 ? static_cast<int64_t>(span) : 256;
+    const auto bound = [&](int64_t i) { return base + span * static_cast<U>(i) / static_cast<U>(steps); };
+    std::vector<int64_t> bounds(steps - 1);  // strictly increasing: span >= steps
+    for (int64_t i = 1; i < steps; ++i) bounds[i - 1] = to_key(bound(i));
+    // bucket = how many bounds are <= the key, so count(key >= bound(i)) = keys in buckets >= i.
+    const at::Tensor bucket = at::bucketize(key, at::tensor(bounds, longs), /*out_int32=*/true, /*right=*/true);
+    const at::Tensor hist = at::bincount(bucket, {}, steps).to(at::kCPU);
+    const auto h = hist.accessor<int64_t, 1>();
+    int64_t step = 0, at_or_above = 0;  // the largest i >= 1 with count(key >= bound(i)) >= n, else 0
+    for (int64_t i = steps - 1; i >= 1; --i) {
+      at_or_above += h[i];
+      if (at_or_above >= n) {
+        step = i;
+        break;
+      }
+    }
+    const U next_hi = step + 1 < steps ? bound(step + 1) : hi;
+    base = bound(step);
+    hi = next_hi;
+  }
+  at::Tensor out = at::ge(key, to_key(base)).nonzero().squeeze(1);
+  TORCH_CHECK(out.numel() == n, "TopKFlatAscending: ", out.numel(), " keys at or above the threshold, not ", n);
+  return out;
 }
 
 HeadSelection SplitByRow(const at::Tensor& sorted_flat, int64_t rows, int64_t len) {

@@ -142,7 +142,9 @@ class DefensiveKVPress final : public Press {
   // of them: TopKFlatSorted's order (score, then the earlier index). The candidates of each
   // layer are kept in (head, position) order and the layers in order, so an index into the
   // concatenation orders equal scores exactly as the flat index over every layer's full scores.
-  at::Tensor Winners() const { return TopKFlatSorted(at::cat(cand_scores_), total_); }
+  // TopKFlatAscending, not a sort: at 128K the candidates are 7M entries, and a sort of their
+  // keys with indices held several hundred MB at the peak of the prefill.
+  at::Tensor Winners() const { return TopKFlatAscending(at::cat(cand_scores_), total_); }
 
   // The running global top-k, exact: once the layers so far hold more than total_ candidates,
   // a candidate outside their top total_ stays outside for good (a later layer only adds

@@ -92,6 +92,11 @@ HeadSelection TopKPerHead(const at::Tensor& scores, const std::vector<int64_t>& 
 HeadSelection FlatTopK(const at::Tensor& scores, int64_t n);
 // The flat indices of the n largest entries of a 1-D tensor, in ascending order.
 at::Tensor TopKFlatSorted(const at::Tensor& flat, int64_t n);
+// The same indices as TopKFlatSorted, found with the memory of one int64 key per entry instead of
+// a sort's (several times that): the n-th largest rank key by a 256-way search (at most 8
+// rounds, each a histogram and a host synchronisation), then every entry at or above it, in
+// index order. For selections of most of a long vector (Layer-DefensiveKV's running budget).
+at::Tensor TopKFlatAscending(const at::Tensor& flat, int64_t n);
 // Ascending flat indices into `rows` rows of `len` entries, split into one tensor of positions
 // per row (one host synchronisation for all rows).
 HeadSelection SplitByRow(const at::Tensor& sorted_flat, int64_t rows, int64_t len);

@@ -1,6 +1,7 @@
 // Presses against the oracles of spec/presses.md §11 and the worked example of §4.5, on real
 // layer inputs from a prefill of a tiny random model.
 #include <algorithm>
+#include <limits>
 #include <set>
 
 #include <gtest/gtest.h>
@@ -47,6 +48,28 @@ TEST(Selection, EqualScoresRankByEarlierPosition) {
       want.resize(k);
       const int64_t* g = got[r].data_ptr<int64_t>();
       EXPECT_EQ(std::vector<int64_t>(g, g + k), want) << "len " << len << " row " << r;
+    }
+  }
+}
+
+// TopKFlatAscending finds by bisection what TopKFlatSorted finds by a sort: the same indices,
+// with ties (and -0 against +0) ranked by the earlier index, for any n from none to all.
+TEST(Selection, TopKByThresholdEqualsTopKBySort) {
+  at::manual_seed(9);
+  const at::Tensor s = at::tensor({0.f, 1.f, 0.f, -0.f, 0.5f, -2.f, 0.f, -1.f});
+  for (int64_t n = 0; n <= 9; ++n)
+    EXPECT_TRUE(TopKFlatAscending(s, n).equal(TopKFlatSorted(s, std::min<int64_t>(n, 8)))) << "n " << n;
+  for (int64_t len : {1, 2, 300, 70001}) {
+    // Many ties, negative and positive values, and the largest and smallest floats.
+    at::Tensor x = (at::randint(0, 6, {len}).to(at::kFloat) - 2.5) * 0.5;
+    if (len > 2) {
+      x[0] = std::numeric_limits<float>::max();
+      x[1] = std::numeric_limits<float>::lowest();
+    }
+    for (int64_t n : {int64_t{1}, len / 3 + 1, len - 1, len}) {
+      if (n < 1) continue;
+      const at::Tensor got = TopKFlatAscending(x, n), want = TopKFlatSorted(x, n);
+      EXPECT_TRUE(got.equal(want)) << "len " << len << " n " << n;
     }
   }
 }
