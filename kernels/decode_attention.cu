@@ -12,7 +12,9 @@
 // by shuffles, the warps through shared memory, and the block writes its normalized partial
 // output and lse = m + log2(l) (or, with one chunk per segment, the output itself); scores are in
 // base 2 throughout (see kLog2e).
-// CombineKernel: one block per segment; out = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max).
+// CombineKernel: one block per segment; out = sum_p w_p o_p, w_p = 2^(lse_p - max) / sum_q
+// 2^(lse_q - max). (Merging in the last split block of each segment to finish, with a counter
+// per segment, was measured slower on the H200: docs/PERFORMANCE.md, 2026-11-29.)
 // An empty range has l = 0: it writes zeros and lse = -inf, and weighs nothing in the merge.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -145,6 +147,59 @@ struct Args {
   float* part_lse;
   void* out;
 };
+
+// out[seg] = the merge of segment seg's splits (lse in base 2), its G * D elements shared by
+// `threads` threads (a multiple of 32) from `tid`. The partials were written by the kernel
+// before: read through L2 (__ldcg), never the read-only path. With room for
+// splits * G floats in `w` (shared memory), one warp per query row first turns the lse values
+// into weights 2^(lse_p - max) / sum, so the element loop is one fma per split; otherwise each
+// element computes them itself.
+template <typename T, int D>
+__device__ void CombineSegment(const Args& a, int64_t seg, int tid, int threads, float* w, int capacity) {
+  const int G = a.G, splits = a.splits;
+  const float* lse_seg = a.part_lse + seg * splits * G;
+  const float* out_seg = a.part_out + seg * splits * G * D;
+  T* out = static_cast<T*>(a.out);
+  if (splits * G <= capacity) {
+    const int warp = tid / 32, lane = tid % 32;
+    for (int g = warp; g < G; g += threads / 32) {
+      float mx = -INFINITY;
+      for (int p = lane; p < splits; p += 32) mx = fmaxf(mx, __ldcg(lse_seg + p * G + g));
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      float sum = 0.f;
+      for (int p = lane; p < splits; p += 32) {
+        const float f = mx == -INFINITY ? 0.f : Exp2(__ldcg(lse_seg + p * G + g) - mx);
+        w[p * G + g] = f;
+        sum += f;
+      }
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no mass anywhere: zeros
+      for (int p = lane; p < splits; p += 32) w[p * G + g] *= inv;
+    }
+    __syncthreads();
+    for (int e = tid; e < G * D; e += threads) {
+      const int g = e / D;
+      float o = 0.f;
+      for (int p = 0; p < splits; ++p) o = fmaf(w[p * G + g], __ldcg(out_seg + static_cast<int64_t>(p) * G * D + e), o);
+      out[seg * G * D + e] = Num<T>::FromFloatTo(o);
+    }
+    return;
+  }
+  for (int e = tid; e < G * D; e += threads) {
+    const int g = e / D;
+    float mx = -INFINITY;
+    for (int p = 0; p < splits; ++p) mx = fmaxf(mx, __ldcg(lse_seg + p * G + g));
+    float wsum = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+      for (int p = 0; p < splits; ++p) {
+        const float f = Exp2(__ldcg(lse_seg + p * G + g) - mx);
+        wsum += f;
+        o = fmaf(f, __ldcg(out_seg + static_cast<int64_t>(p) * G * D + e), o);
+      }
+    }
+    out[seg * G * D + e] = Num<T>::FromFloatTo(wsum > 0.f ? o / wsum : 0.f);
+  }
+}
 
 template <typename T, int D, int GT, int U>
 __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) SplitKernel(const Args a) {
@@ -321,25 +376,9 @@ template <typename T, int D>
 __global__ void CombineKernel(const Args a) {
   WaitForPrecedingGrid();
   LetDependentsLaunch();
-  const int64_t seg = blockIdx.x;
-  const int G = a.G, splits = a.splits;
-  const float* lse_seg = a.part_lse + seg * splits * G;
-  const float* out_seg = a.part_out + seg * splits * G * D;
-  T* out = static_cast<T*>(a.out);
-  for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
-    const int g = e / D;
-    float mx = -INFINITY;
-    for (int p = 0; p < splits; ++p) mx = fmaxf(mx, lse_seg[p * G + g]);
-    float w = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-      for (int p = 0; p < splits; ++p) {
-        const float f = Exp2(lse_seg[p * G + g] - mx);
-        w += f;
-        o = fmaf(f, out_seg[static_cast<int64_t>(p) * G * D + e], o);
-      }
-    }
-    out[seg * G * D + e] = Num<T>::FromFloatTo(w > 0.f ? o / w : 0.f);
-  }
+  constexpr int kWeights = 2048;
+  __shared__ float w[kWeights];
+  CombineSegment<T, D>(a, blockIdx.x, threadIdx.x, blockDim.x, w, kWeights);
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

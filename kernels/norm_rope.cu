@@ -132,6 +132,24 @@ __global__ void AddRmsNormKernel(T* __restrict__ x, const T* __restrict__ delta,
   for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) yr[i] = Normalize(xr[i], wp[i], r);
 }
 
+// The rotation of V pairs (x1[k], x2[k]) = (x[j + k], x[half + j + k]) with the matching packs
+// of cos and sin: o1 = T(T(x1 c1) + T(-x2 s1)), o2 = T(T(x2 c2) + T(x1 s2)).
+template <typename T, int V>
+__device__ void Rotate(const Pack<T, V>& x1, const Pack<T, V>& x2, const Pack<T, V>& c1, const Pack<T, V>& c2,
+                       const Pack<T, V>& s1, const Pack<T, V>& s2, Pack<T, V>& o1, Pack<T, V>& o2) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float a = Num<T>::ToFloat(x1.v[k]), b = Num<T>::ToFloat(x2.v[k]);
+    // rotate_half(x) = cat(-x2, x1): the first half pairs with -x2, the second with x1.
+    const float lo = __fadd_rn(Round<T>(__fmul_rn(a, Num<T>::ToFloat(c1.v[k]))),
+                               Round<T>(__fmul_rn(-b, Num<T>::ToFloat(s1.v[k]))));
+    const float hi = __fadd_rn(Round<T>(__fmul_rn(b, Num<T>::ToFloat(c2.v[k]))),
+                               Round<T>(__fmul_rn(a, Num<T>::ToFloat(s2.v[k]))));
+    o1.v[k] = Num<T>::FromFloat(lo);
+    o2.v[k] = Num<T>::FromFloat(hi);
+  }
+}
+
 // One thread per V pairs (j .. j + V, half + j .. half + j + V) of one (token, head).
 template <typename T, int V>
 __global__ void RopeKernel(T* __restrict__ x, int64_t heads, int64_t half, int64_t stride_t, int64_t stride_h,
@@ -150,19 +168,46 @@ __global__ void RopeKernel(T* __restrict__ x, int64_t heads, int64_t half, int64
     const P c1 = *reinterpret_cast<const P*>(c + j), c2 = *reinterpret_cast<const P*>(c + half + j);
     const P s1 = *reinterpret_cast<const P*>(s + j), s2 = *reinterpret_cast<const P*>(s + half + j);
     P o1, o2;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float a = Num<T>::ToFloat(x1.v[k]), b = Num<T>::ToFloat(x2.v[k]);
-      // rotate_half(x) = cat(-x2, x1): the first half pairs with -x2, the second with x1.
-      const float lo = __fadd_rn(Round<T>(__fmul_rn(a, Num<T>::ToFloat(c1.v[k]))),
-                                 Round<T>(__fmul_rn(-b, Num<T>::ToFloat(s1.v[k]))));
-      const float hi = __fadd_rn(Round<T>(__fmul_rn(b, Num<T>::ToFloat(c2.v[k]))),
-                                 Round<T>(__fmul_rn(a, Num<T>::ToFloat(s2.v[k]))));
-      o1.v[k] = Num<T>::FromFloat(lo);
-      o2.v[k] = Num<T>::FromFloat(hi);
-    }
+    Rotate(x1, x2, c1, c2, s1, s2, o1, o2);
     *reinterpret_cast<P*>(row + j) = o1;
     *reinterpret_cast<P*>(row + half + j) = o2;
+  }
+}
+
+// RopeAppend: one thread per V pairs of one (token, head) of the qkv row, heads numbered q
+// (0 .. hq), k (hq .. hq + hkv), v (the rest). A q head is rotated in place, a k head rotated
+// into its pool row, a v head's two packs copied into its pool row. x was written by the kernel
+// just before (the projection): coherent loads (kernels/launch.cuh). cos, sin and rows were
+// written before the step's first kernel.
+template <typename T, int V>
+__global__ void RopeAppendKernel(T* x, int64_t hq, int64_t hkv, int64_t half, int64_t stride_t,
+                                 const T* __restrict__ cos, const T* __restrict__ sin, const int64_t* __restrict__ rows,
+                                 T* k_pool, T* v_pool, int64_t total) {
+  using P = Pack<T, V>;
+  WaitForPrecedingGrid();
+  LetDependentsLaunch();
+  const int64_t packs = half / V, heads = hq + 2 * hkv, d = 2 * half;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t j = (i % packs) * V, head_row = i / packs;
+    const int64_t h = head_row % heads, t = head_row / heads;
+    T* row = x + t * stride_t + h * d;
+    const P x1 = LoadCoherent(reinterpret_cast<const P*>(row + j));
+    const P x2 = LoadCoherent(reinterpret_cast<const P*>(row + half + j));
+    if (h >= hq + hkv) {
+      T* to = v_pool + rows[t * hkv + (h - hq - hkv)] * d;
+      *reinterpret_cast<P*>(to + j) = x1;
+      *reinterpret_cast<P*>(to + half + j) = x2;
+      continue;
+    }
+    const T* c = cos + t * d;
+    const T* s = sin + t * d;
+    const P c1 = *reinterpret_cast<const P*>(c + j), c2 = *reinterpret_cast<const P*>(c + half + j);
+    const P s1 = *reinterpret_cast<const P*>(s + j), s2 = *reinterpret_cast<const P*>(s + half + j);
+    P o1, o2;
+    Rotate(x1, x2, c1, c2, s1, s2, o1, o2);
+    T* to = h < hq ? row : k_pool + rows[t * hkv + (h - hq)] * d;
+    *reinterpret_cast<P*>(to + j) = o1;
+    *reinterpret_cast<P*>(to + half + j) = o2;
   }
 }
 
@@ -262,6 +307,24 @@ int LaunchRope(void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t
 }
 
 template <typename T>
+int LaunchRopeAppend(void* x, int64_t tokens, int64_t hq, int64_t hkv, int64_t head_dim, int64_t stride_t,
+                     const void* cos, const void* sin, const int64_t* rows, void* k_pool, void* v_pool,
+                     cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t half = head_dim / 2;
+  if (half % kVec != 0 || stride_t % kVec != 0 || !Aligned16(x) || !Aligned16(cos) || !Aligned16(sin) ||
+      !Aligned16(k_pool) || !Aligned16(v_pool))
+    return static_cast<int>(cudaErrorInvalidValue);
+  const int64_t total = tokens * (hq + 2 * hkv) * (half / kVec);
+  constexpr int kThreads = 256;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 1 << 16)));
+  Launch(kPdlRope | kPdlAppend, RopeAppendKernel<T, kVec>, grid, kThreads, 0, stream, static_cast<T*>(x), hq, hkv,
+         half, stride_t, static_cast<const T*>(cos), static_cast<const T*>(sin), rows, static_cast<T*>(k_pool),
+         static_cast<T*>(v_pool), total);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
 int LaunchSiluMul(const void* gu, int64_t rows, int64_t inter, void* out, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = inter % kVec == 0 && Aligned16(gu) && Aligned16(out);
@@ -318,6 +381,26 @@ int RopeInPlace(DType dtype, void* x, int64_t tokens, int64_t heads, int64_t hea
     case DType::kFloat16: return LaunchRope<__half>(x, tokens, heads, head_dim, stride_t, stride_h, cos, sin, s);
     case DType::kBFloat16:
       return LaunchRope<__nv_bfloat16>(x, tokens, heads, head_dim, stride_t, stride_h, cos, sin, s);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+int RopeAppend(DType dtype, void* x, int64_t tokens, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+               int64_t stride_t, const void* cos, const void* sin, const int64_t* rows, void* k_pool, void* v_pool,
+               void* stream) {
+  if (tokens < 0 || q_heads < 0 || kv_heads < 0 || head_dim <= 0 || head_dim % 2 != 0 ||
+      (tokens > 1 && stride_t < (q_heads + 2 * kv_heads) * head_dim))
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (tokens == 0 || q_heads + kv_heads == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32:
+      return LaunchRopeAppend<float>(x, tokens, q_heads, kv_heads, head_dim, stride_t, cos, sin, rows, k_pool, v_pool, s);
+    case DType::kFloat16:
+      return LaunchRopeAppend<__half>(x, tokens, q_heads, kv_heads, head_dim, stride_t, cos, sin, rows, k_pool, v_pool, s);
+    case DType::kBFloat16:
+      return LaunchRopeAppend<__nv_bfloat16>(x, tokens, q_heads, kv_heads, head_dim, stride_t, cos, sin, rows, k_pool,
+                                             v_pool, s);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

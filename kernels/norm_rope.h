@@ -44,6 +44,17 @@ int AddRmsNorm(DType dtype, void* x, const void* delta, int64_t rows, int64_t n,
 int RopeInPlace(DType dtype, void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t stride_t,
                 int64_t stride_h, const void* cos, const void* sin, void* stream);
 
+// RopeAppend: a decode step's RoPE and KV append in one launch (RopeInPlace, then AppendRows of
+// the rotated k). x [tokens, q_heads + 2 kv_heads, head_dim] is the qkv projection: each token's
+// row (token stride stride_t, heads adjacent) holds its q heads, then its k heads, then its v
+// heads. The q heads are rotated in place with cos, sin [tokens, head_dim] as RopeInPlace does;
+// token t's k head h, rotated the same way, goes to k_pool[rows[t * kv_heads + h]] and its v head
+// to v_pool[rows[...]] (pools [rows, head_dim] contiguous); x's k and v heads are left as they
+// were. 16-byte packs only: head_dim / 2 and stride_t multiples of 16 / sizeof(T), and x, cos,
+// sin and the pools 16-byte aligned (else cudaErrorInvalidValue).
+int RopeAppend(DType dtype, void* x, int64_t tokens, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+               int64_t stride_t, const void* cos, const void* sin, const int64_t* rows, void* k_pool, void* v_pool,
+               void* stream);
 int SiluMul(DType dtype, const void* gu, int64_t rows, int64_t inter, void* out, void* stream);
 
 // cudaGetErrorString of a code returned above.

@@ -248,17 +248,31 @@ HeadwiseCache::DevicePlan HeadwiseCache::SliceUploaded(const at::Tensor& uploade
 
 at::Tensor HeadwiseCache::AttendPlanned(const KvPool& pool, const DevicePlan& plan, int64_t layer, const at::Tensor& q,
                                         const at::Tensor& k, const at::Tensor& v, double scale) {
-  const int64_t b = k.size(0), heads = k.size(1), d = k.size(2), hq = q.size(1), group = hq / heads, n = b * heads;
-  const at::Tensor rows = plan.rows[layer], used = plan.used[layer], cu_k = plan.cu_k[layer];
+  const int64_t n = k.size(0) * k.size(1), d = k.size(2);
+  const at::Tensor rows = plan.rows[layer];
   // The append: one kernel for K and V where it applies, else [B, H, D] rows in segment order.
   if (!model::FusedAppendRows(k, v, rows, pool.k(), pool.v())) {
     pool.k().index_copy_(0, rows, k.reshape({n, d}));
     pool.v().index_copy_(0, rows, v.reshape({n, d}));
   }
+  return AttendAppended(pool, plan, layer, q, k.size(1), scale);
+}
+
+at::Tensor HeadwiseCache::AttendPlannedUnrotated(const KvPool& pool, const DevicePlan& plan, int64_t layer,
+                                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& cos, const at::Tensor& sin, double scale) {
+  if (!model::FusedRopeAppend(q, k, v, cos, sin, plan.rows[layer], pool.k(), pool.v())) return {};
+  return AttendAppended(pool, plan, layer, q, k.size(1), scale);
+}
+
+at::Tensor HeadwiseCache::AttendAppended(const KvPool& pool, const DevicePlan& plan, int64_t layer, const at::Tensor& q,
+                                         int64_t kv_heads, double scale) {
+  const int64_t b = q.size(0), hq = q.size(1), d = q.size(2), group = hq / kv_heads, n = b * kv_heads;
+  const at::Tensor used = plan.used[layer], cu_k = plan.cu_k[layer];
   // The split-KV decode kernel reads q in place; the varlen flash call (DEFKV_DECODE_KERNEL=0, or
   // a case the kernel does not take) needs q as [n, G, D] (segment t * H + h holds the G query
   // heads of token t reading kv head h). Both give [B, H_q, D].
-  at::Tensor o = model::FusedDecodeAttention(q, heads, pool.k(), pool.v(), cu_k.narrow(0, 0, n), used, plan.max_k,
+  at::Tensor o = model::FusedDecodeAttention(q, kv_heads, pool.k(), pool.v(), cu_k.narrow(0, 0, n), used, plan.max_k,
                                              scale);
   if (o.defined()) return o;
   o = std::get<0>(at::_flash_attention_forward(q.reshape({n, group, d}), pool.k().view({-1, 1, d}),

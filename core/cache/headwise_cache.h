@@ -62,6 +62,13 @@ class HeadwiseCache final : public KvCache {
   // longest segment. Output [B, H_q, D] contiguous.
   static at::Tensor AttendPlanned(const KvPool& pool, const DevicePlan& plan, int64_t layer, const at::Tensor& q,
                                   const at::Tensor& k, const at::Tensor& v, double scale);
+  // AttendPlanned for q and k not yet rotated: RoPE (cos, sin [B, D]) and the append in one
+  // kernel (model::FusedRopeAppend; q is rotated in place), then the attention. q, k, v must be
+  // the heads of one qkv projection row. Undefined, with nothing written, when that kernel does
+  // not take them: the caller rotates and calls AttendPlanned.
+  static at::Tensor AttendPlannedUnrotated(const KvPool& pool, const DevicePlan& plan, int64_t layer,
+                                           const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& cos, const at::Tensor& sin, double scale);
   // True when PlanBatch takes this cache (pooled, CUDA, half precision).
   bool batchable() const;
   KvPool* pool() const { return pool_; }
@@ -130,6 +137,9 @@ class HeadwiseCache final : public KvCache {
   at::Tensor AttendSegments(const Layer& L, const at::Tensor& q, int64_t t, double scale) const;
   // CUDA, fp16/bf16: one flash-attention varlen call over all segments (each kv head is a
   // "sequence" whose G query heads attend to it; seqused_k skips the unused capacity).
+  // The attention half of AttendPlanned, once the step's rows are in the pool.
+  static at::Tensor AttendAppended(const KvPool& pool, const DevicePlan& plan, int64_t layer, const at::Tensor& q,
+                                   int64_t kv_heads, double scale);
   at::Tensor AttendFlash(Layer& L, const at::Tensor& q, int64_t t, double scale);
 
   int64_t num_kv_heads_, head_dim_;

@@ -50,6 +50,14 @@ std::atomic<bool>& GemvSwitch() {
   return on;
 }
 
+std::atomic<bool>& RopeAppendSwitch() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("DEFKV_ROPE_APPEND");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }()};
+  return on;
+}
+
 std::atomic<int64_t> g_min_chunk{0}, g_blocks_per_sm{0};
 
 #ifdef DEFKV_WITH_CUDA
@@ -91,6 +99,8 @@ void SetDecodeKernel(bool on) { DecodeSwitch().store(on); }
 bool DecodeKernelEnabled() { return DecodeSwitch().load(); }
 void SetGemvKernel(bool on) { GemvSwitch().store(on); }
 bool GemvKernelEnabled() { return GemvSwitch().load(); }
+void SetRopeAppend(bool on) { RopeAppendSwitch().store(on); }
+bool RopeAppendEnabled() { return RopeAppendSwitch().load(); }
 // kernels/ is linked into this library and again into the programs that use core's internals:
 // the switch the kernels launched from here follow is this library's copy.
 void SetDependentLaunch(bool on) { kernels::SetDependentLaunch(on); }
@@ -114,6 +124,10 @@ at::Tensor FusedDecodeAttention(const at::Tensor&, int64_t, const at::Tensor&, c
   return {};
 }
 bool FusedAppendRows(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  return false;
+}
+bool FusedRopeAppend(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   return false;
 }
 at::Tensor FusedValueNorm(const at::Tensor&, const at::Tensor&, int64_t) { return {}; }
@@ -304,6 +318,40 @@ bool FusedAppendRows(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
                                        v.data_ptr(), v.stride(0), v.stride(1), t, h, d, rows.data_ptr<int64_t>(),
                                        k_pool.data_ptr(), v_pool.data_ptr(), CurrentStream(k));
   CheckLaunch(code, "FusedAppendRows");
+  return true;
+}
+
+bool FusedRopeAppend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                     const at::Tensor& sin, const at::Tensor& rows, const at::Tensor& k_pool, const at::Tensor& v_pool) {
+  if (!Covered(q) || !RopeAppendEnabled() || q.dim() != 3 || k.dim() != 3 || v.sizes() != k.sizes()) return false;
+  const int64_t t = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), e = q.element_size();
+  if (k.size(0) != t || k.size(2) != d || d % 2 != 0 || hkv < 1) return false;
+  for (const at::Tensor* x : {&k, &v})
+    if (x->scalar_type() != q.scalar_type() || x->device() != q.device()) return false;
+  // q, k, v: the heads of one qkv row, side by side (rows of D contiguous, one token stride).
+  for (const at::Tensor* x : {&q, &k, &v})
+    if (x->stride(2) != 1 || (x->size(1) > 1 && x->stride(1) != d) || (t > 1 && x->stride(0) != q.stride(0)))
+      return false;
+  const auto* base = static_cast<const char*>(q.data_ptr());
+  if (static_cast<const char*>(k.data_ptr()) != base + hq * d * e ||
+      static_cast<const char*>(v.data_ptr()) != base + (hq + hkv) * d * e)
+    return false;
+  if (!Matches(cos, q, {t, d}) || !Matches(sin, q, {t, d})) return false;
+  if (!Matches(k_pool, q, {k_pool.size(0), d}) || !Matches(v_pool, q, {v_pool.size(0), d})) return false;
+  if (!rows.defined() || rows.scalar_type() != at::kLong || rows.device() != q.device() || rows.dim() != 1 ||
+      rows.size(0) != t * hkv || !rows.is_contiguous())
+    return false;
+  // The kernel takes 16-byte packs only: say no here rather than fail the launch.
+  const int64_t vec = 16 / e, stride_t = t > 1 ? q.stride(0) : (hq + 2 * hkv) * d;
+  const auto aligned = [](const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; };
+  if ((d / 2) % vec != 0 || stride_t % vec != 0 || !aligned(q) || !aligned(cos) || !aligned(sin) ||
+      !aligned(k_pool) || !aligned(v_pool))
+    return false;
+  c10::cuda::CUDAGuard guard(q.device());
+  CheckLaunch(kernels::RopeAppend(*KernelDType(q.scalar_type()), q.data_ptr(), t, hq, hkv, d, stride_t, cos.data_ptr(),
+                                  sin.data_ptr(), rows.data_ptr<int64_t>(), k_pool.data_ptr(), v_pool.data_ptr(),
+                                  CurrentStream(q)),
+              "FusedRopeAppend");
   return true;
 }
 

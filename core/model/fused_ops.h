@@ -103,6 +103,21 @@ at::Tensor FusedDecodeAttention(const at::Tensor& q, int64_t heads, const at::Te
 bool FusedAppendRows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows, const at::Tensor& k_pool,
                      const at::Tensor& v_pool);
 
+// The decode step's RoPE and append in one launch (kernels/norm_rope.h RopeAppend): q rotated in
+// place as FusedRopeInPlace rotates it, and k rotated the same way into k_pool[rows[t * H + h]],
+// v copied into v_pool[rows[...]] (k itself is left unrotated). q [T, H_q, D], k and v [T, H, D]
+// must be the heads of one qkv projection row, side by side (Transformer::RunLayer's views);
+// cos, sin [T, D]; rows, pools as FusedAppendRows. False (nothing written) when not covered: the
+// fused switch or its own switch off, another layout, a dtype or alignment the kernel does not
+// take.
+bool FusedRopeAppend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                     const at::Tensor& sin, const at::Tensor& rows, const at::Tensor& k_pool, const at::Tensor& v_pool);
+
+// FusedRopeAppend's switch, read once from DEFKV_ROPE_APPEND when first asked: on unless it is 0
+// (then the RoPE kernel and the append kernel). Tests and benchmarks set it.
+void SetRopeAppend(bool on);
+bool RopeAppendEnabled();
+
 // The projected value norm of kernels/value_norm.h, used by press::ProjectedValueNorm (the
 // DefensiveKV and CriticalKV output-projection weighting):
 //   out[h, t] = sum_e | sum_c values[h / (hq / H_kv), t, c] * w_o[e, h * D + c] |

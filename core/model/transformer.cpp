@@ -268,20 +268,26 @@ at::Tensor Transformer::DecodePlanned(const at::Tensor& plan, int64_t batch, int
                                       const cache::KvPool& pool) const {
   const double scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
   const auto p = cache::HeadwiseCache::SliceUploaded(plan, batch, segments, max_k, config_.num_layers);
-  return Run(p.ids, p.positions, /*all_logits=*/true, nullptr,
-             [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-               return cache::HeadwiseCache::AttendPlanned(pool, p, l, q, k, v, scale);
-             });
+  const RotatingAttend rotating = [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& cos, const at::Tensor& sin) {
+    return cache::HeadwiseCache::AttendPlannedUnrotated(pool, p, l, q, k, v, cos, sin, scale);
+  };
+  return Run(
+      p.ids, p.positions, /*all_logits=*/true, nullptr,
+      [&](int64_t l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+        return cache::HeadwiseCache::AttendPlanned(pool, p, l, q, k, v, scale);
+      },
+      &rotating);
 }
 
 at::Tensor Transformer::Run(const at::Tensor& ids, const at::Tensor& positions, bool all_logits, LayerHook* hook,
-                            const Attend& attend) const {
+                            const Attend& attend, const RotatingAttend* rotating) const {
   // Not a structured binding: RunLayer's RoPE lambda captures them (clang refuses bindings there).
   const auto tables = rope_.Tables(positions.to(device_), dtype_);
   at::Tensor x = Embed(ids);  // [T, hidden]
   at::Tensor pending;         // each layer's MLP output, added by the next piece with its norm
   for (int64_t l = 0; l < config_.num_layers; ++l)
-    x = RunLayer(l, std::move(x), tables.first, tables.second, hook, attend, &pending);
+    x = RunLayer(l, std::move(x), tables.first, tables.second, hook, attend, &pending, rotating);
   return Head(std::move(x), all_logits, pending);
 }
 
@@ -294,7 +300,8 @@ at::Tensor Transformer::AddRmsNorm(at::Tensor& x, const at::Tensor& delta, const
 at::Tensor Transformer::Embed(const at::Tensor& ids) const { return at::embedding(embed_, ids.to(device_)); }
 
 at::Tensor Transformer::RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
-                                 LayerHook* hook, const Attend& attend, at::Tensor* pending) const {
+                                 LayerHook* hook, const Attend& attend, at::Tensor* pending,
+                                 const RotatingAttend* rotating) const {
   const ModelConfig& c = config_;
   const int64_t t = x.size(0), d = c.head_dim, hq = c.num_heads, hkv = c.num_kv_heads;
   const LayerWeights& L = layers_[l];
@@ -316,11 +323,15 @@ at::Tensor Transformer::RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos,
   const auto rope = [&](const at::Tensor& y) {
     return FusedRopeInPlace(y, cos, sin) ? y : Rope::Apply(y.transpose(0, 1), cos, sin).transpose(0, 1);
   };
-  if (c.qk_norm || !FusedRopeInPlace(qkv.narrow(-1, 0, (hq + hkv) * d).view({t, hq + hkv, d}), cos, sin)) {
-    q = rope(q);
-    k = rope(k);
+  // A decode step over the pool rotates q and k in its append kernel where it can.
+  at::Tensor attn = rotating != nullptr && !c.qk_norm ? (*rotating)(l, q, k, v, cos, sin) : at::Tensor();
+  if (!attn.defined()) {
+    if (c.qk_norm || !FusedRopeInPlace(qkv.narrow(-1, 0, (hq + hkv) * d).view({t, hq + hkv, d}), cos, sin)) {
+      q = rope(q);
+      k = rope(k);
+    }
+    attn = attend(l, q, k, v);  // [T, H_q, D]
   }
-  at::Tensor attn = attend(l, q, k, v);  // [T, H_q, D]
   if (hook != nullptr) hook->AfterAttention(l, x_norm);
   const at::Tensor h = AddRmsNorm(x, Linear(attn.reshape({t, hq * d}), L.w_o, L.b_o), L.post_norm);
 

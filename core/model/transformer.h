@@ -112,8 +112,13 @@ class Transformer {
   // token-major views of the qkv projection (rows of D contiguous, strided tokens) or of the
   // q/k norm outputs.
   using Attend = std::function<at::Tensor(int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
+  // An `attend` that also rotates: (layer, q, k, v, cos, sin) with q and k not yet rotated;
+  // undefined, with nothing done, when it declines (RunLayer then rotates and calls `attend`).
+  // Tried only for models without q/k norms.
+  using RotatingAttend = std::function<at::Tensor(int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, const at::Tensor&)>;
   at::Tensor Run(const at::Tensor& ids, const at::Tensor& positions, bool all_logits, LayerHook* hook,
-                 const Attend& attend) const;
+                 const Attend& attend, const RotatingAttend* rotating = nullptr) const;
   // The pieces of Run. Embed: ids [T] -> x [T, hidden]. RunLayer: layer l over x [T, hidden]
   // with the RoPE tables (cos, sin) of its T positions; returns the layer's output [T, hidden].
   // With `pending`, the residual adds that straddle layers are left to the next piece, which
@@ -123,7 +128,8 @@ class Transformer {
   // pass tensors nothing else reads.
   at::Tensor Embed(const at::Tensor& ids) const;
   at::Tensor RunLayer(int64_t l, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, LayerHook* hook,
-                      const Attend& attend, at::Tensor* pending = nullptr) const;
+                      const Attend& attend, at::Tensor* pending = nullptr,
+                      const RotatingAttend* rotating = nullptr) const;
   at::Tensor Head(at::Tensor x, bool all_logits, const at::Tensor& pending = {}) const;
   // x += delta (in place when fused; x rebinds otherwise) and RMSNorm(x, w): one launch on CUDA.
   at::Tensor AddRmsNorm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& w) const;

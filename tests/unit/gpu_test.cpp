@@ -145,10 +145,17 @@ TEST_F(Gpu, BatchedDecodeOverPoolMatchesEachCacheAlone) {
   const int64_t b = static_cast<int64_t>(ctx.size());
   // As the model's step runs it: one plan for both layers, uploaded once, then per layer the
   // append and the attention, with q, k, v as token-major views of one projection-like buffer.
-  // Even steps attend with the split-KV kernel, odd ones with the varlen flash call.
+  // Even steps attend with the split-KV kernel, odd ones with the varlen flash call. Steps 4 and 5
+  // hand q and k over unrotated: RoPE and the append run as one kernel (AttendPlannedUnrotated),
+  // against the CPU's Rope::Apply then append.
   const bool was_on = model::DecodeKernelEnabled();
+  model::Rope rope_cpu(model::RopeConfig{}, d, at::kCPU), rope_gpu(model::RopeConfig{}, d, at::kCUDA);
   for (int step = 0; step < 6; ++step) {
     model::SetDecodeKernel(step % 2 == 0);
+    const bool unrotated = step >= 4;
+    const at::Tensor positions = at::arange(b, at::kLong) * 977 + 1000 * step;
+    const auto [cos, sin] = rope_cpu.Tables(positions, at::kFloat);
+    const auto [cos_gpu, sin_gpu] = rope_gpu.Tables(positions.to(at::kCUDA), at::kBFloat16);
     auto plan = cache::HeadwiseCache::PlanBatch(batch, at::zeros({b}, at::kLong), at::zeros({b}, at::kLong));
     const auto dev = cache::HeadwiseCache::SliceUploaded(plan.host.to(at::kCUDA), b, plan.segments, plan.max_k, 2);
     for (int64_t l = 0; l < 2; ++l) {
@@ -157,10 +164,18 @@ TEST_F(Gpu, BatchedDecodeOverPoolMatchesEachCacheAlone) {
       auto k = qkv.narrow(1, qheads * d, heads * d).view({b, heads, d});
       auto v = qkv.narrow(1, (qheads + heads) * d, heads * d).view({b, heads, d});
       auto qkv_gpu = on(qkv);
-      auto out = cache::HeadwiseCache::AttendPlanned(
-          pool, dev, l, qkv_gpu.narrow(1, 0, qheads * d).view({b, qheads, d}),
-          qkv_gpu.narrow(1, qheads * d, heads * d).view({b, heads, d}),
-          qkv_gpu.narrow(1, (qheads + heads) * d, heads * d).view({b, heads, d}), 0.088);
+      const auto gq = qkv_gpu.narrow(1, 0, qheads * d).view({b, qheads, d});
+      const auto gk = qkv_gpu.narrow(1, qheads * d, heads * d).view({b, heads, d});
+      const auto gv = qkv_gpu.narrow(1, (qheads + heads) * d, heads * d).view({b, heads, d});
+      at::Tensor out;
+      if (unrotated) {
+        out = cache::HeadwiseCache::AttendPlannedUnrotated(pool, dev, l, gq, gk, gv, cos_gpu, sin_gpu, 0.088);
+        ASSERT_TRUE(out.defined()) << "step " << step << ": the RoPE + append kernel declined the model's layout";
+        q = model::Rope::Apply(q.transpose(0, 1), cos, sin).transpose(0, 1);
+        k = model::Rope::Apply(k.transpose(0, 1), cos, sin).transpose(0, 1);
+      } else {
+        out = cache::HeadwiseCache::AttendPlanned(pool, dev, l, gq, gk, gv, 0.088);
+      }
       ASSERT_EQ(out.sizes(), (std::vector<int64_t>{b, qheads, d}));
       for (int64_t i = 0; i < b; ++i) {
         const auto one = [&](const at::Tensor& x) { return x.narrow(0, i, 1).transpose(0, 1).contiguous(); };
@@ -410,6 +425,75 @@ TEST_F(Gpu, FusedRmsNormMatchesCpu) {
 // Rope::Apply run by ATen on the GPU (the decode step must not change). Views: contiguous
 // [T, H, D], heads inside a wider row (aligned, and at an odd offset that rules out 16-byte
 // loads), and every other head of a buffer; the elements outside the view stay untouched.
+// The decode step's RoPE + append kernel against the two kernels it replaces (FusedRopeInPlace
+// on q and k, then FusedAppendRows), bit for bit: q rotated in place, the rotated k and the v in
+// their pool rows, nothing else written (pools NaN-poisoned), x's k and v heads unchanged. Also
+// for the model's layout: a qkv row of H_q + 2 H heads.
+TEST_F(Gpu, FusedRopeAppendEqualsRopeThenAppend) {
+  const uint64_t seed = FreshSeed();
+  at::manual_seed(seed);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto opts = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    for (int64_t tokens : {1, 5, 114})
+      for (int64_t heads : {1, 8})
+        for (int64_t d : {64, 128}) {
+          const int64_t qheads = 4 * heads, n = tokens * heads, pool_rows = 3 * n + 17;
+          const std::string what = std::string(c10::toString(dtype)) + " tokens " + std::to_string(tokens) +
+                                   " heads " + std::to_string(heads) + " D " + std::to_string(d) + " seed " +
+                                   std::to_string(seed);
+          model::Rope rope(model::RopeConfig{}, d, at::kCUDA);
+          const auto positions = at::randint(0, 131072, {tokens}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+          const auto [cos, sin] = rope.Tables(positions, dtype);
+          auto rows = at::randperm(pool_rows, at::TensorOptions().dtype(at::kLong).device(at::kCUDA)).narrow(0, 0, n);
+          const auto views = [&](const at::Tensor& proj) {
+            return std::tuple{proj.narrow(1, 0, qheads * d).view({tokens, qheads, d}),
+                              proj.narrow(1, qheads * d, heads * d).view({tokens, heads, d}),
+                              proj.narrow(1, (qheads + heads) * d, heads * d).view({tokens, heads, d})};
+          };
+          const at::Tensor proj = at::randn({tokens, (qheads + 2 * heads) * d}, opts);
+          // The reference: two kernels on a copy.
+          at::Tensor ref_proj = proj.clone();
+          auto [rq, rk, rv] = views(ref_proj);
+          auto k_ref = at::full({pool_rows, d}, NAN, opts), v_ref = at::full({pool_rows, d}, NAN, opts);
+          ASSERT_TRUE(model::FusedRopeInPlace(ref_proj.narrow(1, 0, (qheads + heads) * d).view({tokens, qheads + heads, d}),
+                                              cos, sin))
+              << what;
+          ASSERT_TRUE(model::FusedAppendRows(rk, rv, rows, k_ref, v_ref)) << what;
+          // The fused kernel.
+          at::Tensor got_proj = proj.clone();
+          auto [q, k, v] = views(got_proj);
+          auto k_pool = at::full({pool_rows, d}, NAN, opts), v_pool = at::full({pool_rows, d}, NAN, opts);
+          ASSERT_TRUE(model::FusedRopeAppend(q, k, v, cos, sin, rows, k_pool, v_pool)) << what;
+          EXPECT_TRUE(at::equal(q, rq)) << what << ": q differs from the RoPE kernel's";
+          EXPECT_TRUE(at::equal(got_proj.narrow(1, qheads * d, 2 * heads * d), proj.narrow(1, qheads * d, 2 * heads * d)))
+              << what << ": k or v in the projection changed";
+          EXPECT_TRUE(at::equal(k_pool.index_select(0, rows), k_ref.index_select(0, rows))) << what;
+          EXPECT_TRUE(at::equal(v_pool.index_select(0, rows), v_ref.index_select(0, rows))) << what;
+          auto written = at::zeros({pool_rows}, opts.dtype(at::kBool)).index_fill_(0, rows, true);
+          EXPECT_TRUE(at::isnan(k_pool.index({~written})).all().item<bool>()) << what << ": a row outside `rows` was written";
+          EXPECT_TRUE(at::isnan(v_pool.index({~written})).all().item<bool>()) << what << ": a row outside `rows` was written";
+        }
+  }
+  // Declined, with nothing written: q, k, v not side by side; its switch off.
+  auto opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  model::Rope rope(model::RopeConfig{}, 64, at::kCUDA);
+  const auto [cos, sin] = rope.Tables(at::arange(2, opts.dtype(at::kLong)), at::kBFloat16);
+  auto q = at::randn({2, 4, 64}, opts), k = at::randn({2, 1, 64}, opts), v = at::randn({2, 1, 64}, opts);
+  auto pool = at::full({8, 64}, NAN, opts);
+  auto rows = at::arange(2, opts.dtype(at::kLong));
+  EXPECT_FALSE(model::FusedRopeAppend(q, k, v, cos, sin, rows, pool, pool));
+  auto proj = at::randn({2, 6 * 64}, opts);
+  auto pq = proj.narrow(1, 0, 256).view({2, 4, 64}), pk = proj.narrow(1, 256, 64).view({2, 1, 64}),
+       pv = proj.narrow(1, 320, 64).view({2, 1, 64});
+  const bool was = model::RopeAppendEnabled();
+  model::SetRopeAppend(false);
+  EXPECT_FALSE(model::FusedRopeAppend(pq, pk, pv, cos, sin, rows, pool, pool));
+  model::SetRopeAppend(was);
+  EXPECT_TRUE(at::isnan(pool).all().item<bool>());
+  std::printf("[gpu] RoPE + append kernel: bit-equal to RoPE then append (seed %llu)\n",
+              static_cast<unsigned long long>(seed));
+}
+
 TEST_F(Gpu, FusedRopeMatchesCpu) {
   const uint64_t seed = FreshSeed();
   for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
@@ -640,6 +724,25 @@ TEST_F(Gpu, DecodeAttentionMatchesCpu) {
                   0)
             << what;
         ASSERT_FALSE(at::isnan(out).any().item<bool>()) << what;
+        // Small chunks and many blocks: more splits * G than the merge's shared weights hold, so
+        // it takes its other path (each element weighs the splits itself).
+        {
+          const kernels::DecodeAttentionTuning fine{64, 1000};
+          const int64_t fine_splits = kernels::DecodeAttentionSplits(bound, n, sms, fine);
+          if (fine_splits * g > 2048) {
+            auto out_fine = at::full({n, g, d}, NAN, opts);
+            auto po = at::full({n, fine_splits, g, d}, NAN, opts.dtype(at::kFloat));
+            auto pl = at::full({n, fine_splits, g}, NAN, opts.dtype(at::kFloat));
+            ASSERT_EQ(kernels::DecodeAttention(kdtype, qp.data_ptr(), 1, g * d, k_pool.data_ptr(), v_pool.data_ptr(),
+                                               seg_start.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(), n, g, d,
+                                               bound, static_cast<float>(scale), po.data_ptr<float>(),
+                                               pl.data_ptr<float>(), out_fine.data_ptr(), sms,
+                                               c10::cuda::getCurrentCUDAStream().stream(), fine),
+                      0)
+                << what;
+            EXPECT_LT(RelErr(out_fine, out), 1e-2) << what << ": " << fine_splits << " splits";
+          }
+        }
 
         // CPU fp32 reference: every segment but the 900/60 of ~6.6K, of which every 15th.
         auto out_cpu = out.to(at::kCPU, at::kFloat);
