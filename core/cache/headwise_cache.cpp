@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <utility>
 
 #include <ATen/ops/_flash_attention_forward.h>
 
@@ -117,11 +118,27 @@ void HeadwiseCache::Relayout(int64_t layer, const std::vector<int64_t>& cap) {
   L.k = k;
   L.v = v;
   L.pool_start = start;
-  L.offset = offset;
-  L.capacity = cap;
+  SetLayout(L, offset, L.length, cap);
+}
+
+void HeadwiseCache::SetLayout(Layer& L, std::vector<int64_t> offset, std::vector<int64_t> length,
+                              std::vector<int64_t> capacity) {
+  L.uniform = std::all_of(capacity.begin(), capacity.end(), [&](int64_t c) { return c == capacity[0]; }) &&
+              std::all_of(length.begin(), length.end(), [&](int64_t n) { return n == length[0]; });
+  L.offset = std::move(offset);
+  L.length = std::move(length);
+  L.capacity = std::move(capacity);
   L.meta_stale = true;
-  L.uniform = std::all_of(cap.begin(), cap.end(), [&](int64_t c) { return c == cap[0]; }) &&
-              std::all_of(L.length.begin(), L.length.end(), [&](int64_t n) { return n == L.length[0]; });
+}
+
+void HeadwiseCache::ReplaceStorage(Layer& L, const at::Tensor& src_rows, const at::Tensor& dst_rows, int64_t rows) {
+  at::Tensor k_kept = L.k.index_select(0, src_rows), v_kept = L.v.index_select(0, src_rows);
+  ReleaseStorage(L);
+  std::tie(L.k, L.v) = NewStorage(rows, &L.pool_start);
+  if (src_rows.numel() > 0) {
+    L.k.index_copy_(0, dst_rows, k_kept);
+    L.v.index_copy_(0, dst_rows, v_kept);
+  }
 }
 
 void HeadwiseCache::Append(int64_t layer, const at::Tensor& k, const at::Tensor& v) {
@@ -328,21 +345,8 @@ void HeadwiseCache::Compact(int64_t layer, const std::vector<at::Tensor>& kept, 
   }
   const at::Tensor both = at::from_blob(rows.data(), {2 * n_kept}, at::TensorOptions().dtype(at::kLong)).to(device_);
   const at::Tensor src_rows = both.narrow(0, 0, n_kept), dst_rows = both.narrow(0, n_kept, n_kept);
-  at::Tensor k_kept = L.k.index_select(0, src_rows), v_kept = L.v.index_select(0, src_rows);
-  // The kept rows are gathered out first (k_kept/v_kept), so the old range can go back to the
-  // pool before the new one is taken: the pool never holds both.
-  ReleaseStorage(L);
-  std::tie(L.k, L.v) = NewStorage(dst, &L.pool_start);
-  if (n_kept > 0) {
-    L.k.index_copy_(0, dst_rows, k_kept);
-    L.v.index_copy_(0, dst_rows, v_kept);
-  }
-  L.offset = offset;
-  L.length = new_len;
-  L.capacity = cap;
-  L.meta_stale = true;
-  L.uniform = std::all_of(cap.begin(), cap.end(), [&](int64_t c) { return c == cap[0]; }) &&
-              std::all_of(new_len.begin(), new_len.end(), [&](int64_t n) { return n == new_len[0]; });
+  ReplaceStorage(L, src_rows, dst_rows, dst);
+  SetLayout(L, offset, new_len, cap);
 }
 
 void HeadwiseCache::Narrow(int64_t layer, const at::Tensor& entries, const std::vector<int64_t>& per_head,
@@ -382,22 +386,11 @@ void HeadwiseCache::Narrow(int64_t layer, const at::Tensor& entries, const std::
     if (n > 1) ok = ok.all() & (entries.narrow(0, 1, n - 1) > entries.narrow(0, 0, n - 1)).all();
     TORCH_CHECK(ok.all().item<bool>(), "Narrow: layer ", layer, "'s entries are not ascending within their heads' ranges");
     const at::Tensor src = entries + t[2].index_select(0, head);
-    const at::Tensor dst_rows = at::arange(n, entries.options()) + t[3].index_select(0, head);
-    at::Tensor k_kept = L.k.index_select(0, src), v_kept = L.v.index_select(0, src);
-    ReleaseStorage(L);  // as in Compact: the pool never holds both ranges
-    std::tie(L.k, L.v) = NewStorage(dst, &L.pool_start);
-    L.k.index_copy_(0, dst_rows, k_kept);
-    L.v.index_copy_(0, dst_rows, v_kept);
+    ReplaceStorage(L, src, at::arange(n, entries.options()) + t[3].index_select(0, head), dst);
   } else {
-    ReleaseStorage(L);
-    std::tie(L.k, L.v) = NewStorage(dst, &L.pool_start);
+    ReplaceStorage(L, entries, entries, dst);  // nothing kept
   }
-  L.offset = offset;
-  L.length = per_head;
-  L.capacity = cap;
-  L.meta_stale = true;
-  L.uniform = std::all_of(cap.begin(), cap.end(), [&](int64_t c) { return c == cap[0]; }) &&
-              std::all_of(per_head.begin(), per_head.end(), [&](int64_t c) { return c == per_head[0]; });
+  SetLayout(L, offset, per_head, cap);
 }
 
 at::Tensor HeadwiseCache::keys(int64_t layer) const {

@@ -128,6 +128,13 @@ class HeadwiseCache final : public KvCache {
   // pool row (-1 otherwise). ReleaseStorage gives a layer's rows back.
   std::pair<at::Tensor, at::Tensor> NewStorage(int64_t rows, int64_t* start);
   void ReleaseStorage(Layer& L);
+  // Compact's and Narrow's move: gathers the rows src_rows of L's storage, gives the storage
+  // back (the pool never holds both ranges), takes `rows` new rows and writes the gathered ones
+  // to dst_rows of it.
+  void ReplaceStorage(Layer& L, const at::Tensor& src_rows, const at::Tensor& dst_rows, int64_t rows);
+  // Sets L's per-head layout and what follows from it (device metadata stale, uniform or not).
+  static void SetLayout(Layer& L, std::vector<int64_t> offset, std::vector<int64_t> length,
+                        std::vector<int64_t> capacity);
   // Allocates `layer`'s pending reservation (a Relayout to max(reserve, length) per head).
   void AllocateReserved(int64_t layer);
   // Appends k, v to every head of `layer` (growing full segments); lengths on the host only.
